@@ -1,0 +1,121 @@
+"""MaaS settings: every default in one place, overridable by ``MAAS_*`` environment variables.
+
+Settings are read when :func:`load_settings` is called, never at import time, so a test or a DAG task
+can change the environment and get fresh values. Nothing here creates directories or opens
+connections: callers decide when state is touched.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MODEL_NAME = "sentiment"
+DEFAULT_GRPC_PORT = 8500
+DEFAULT_REST_PORT = 8501
+DEFAULT_PG_PORT = 54320
+DEFAULT_AIRFLOW_PORT = 8080
+DEVICE_CHOICES = ("auto", "cpu", "gpu")
+
+
+class ConfigError(ValueError):
+    """A MAAS_* setting has a value that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved MaaS settings; see README "Settings" for each variable."""
+
+    home: Path
+    store_url: str
+    s3_endpoint: str | None
+    s3_access_key: str | None
+    s3_secret_key: str | None
+    s3_region: str
+    registry_dsn: str | None
+    pg_port: int
+    model_name: str
+    serving_host: str
+    grpc_port: int
+    rest_port: int
+    serving_dir: Path
+    serving_config: Path
+    airflow_port: int
+    device: str
+
+    @property
+    def grpc_target(self) -> str:
+        return f"{self.serving_host}:{self.grpc_port}"
+
+    @property
+    def rest_url(self) -> str:
+        return f"http://{self.serving_host}:{self.rest_port}"
+
+
+def project_root() -> Path:
+    """The source checkout holding this package (where ``.maas/`` lives by default)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def _default_home() -> Path:
+    root = project_root()
+    if (root / "pyproject.toml").is_file():
+        return root / ".maas"
+    return Path.cwd() / ".maas"
+
+
+def _int_setting(env: dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer; set it to a port number such as {default}") from None
+    if not 0 < value < 65536:
+        raise ConfigError(f"{name}={value} is outside 1-65535; set it to a free TCP port such as {default}")
+    return value
+
+
+def _str_setting(env: dict[str, str], name: str) -> str | None:
+    value = env.get(name, "").strip()
+    return value or None
+
+
+def load_settings(env: dict[str, str] | None = None) -> Settings:
+    """Read the MAAS_* settings from ``env`` (default: the process environment).
+
+    Raises:
+        ConfigError: a value is malformed; the message names the variable and how to fix it.
+    """
+    env = dict(os.environ if env is None else env)
+    home = Path(env.get("MAAS_HOME") or _default_home()).expanduser().resolve()
+    store_url = _str_setting(env, "MAAS_STORE_URL") or f"file://{home / 'store'}"
+    if not (store_url.startswith("file://") or store_url.startswith("s3://")):
+        raise ConfigError(
+            f"MAAS_STORE_URL={store_url!r} is not supported; use file:///absolute/dir or s3://bucket[/prefix]"
+        )
+    device = (env.get("MAAS_DEVICE") or "auto").strip().lower()
+    if device not in DEVICE_CHOICES:
+        raise ConfigError(f"MAAS_DEVICE={device!r} is not one of {', '.join(DEVICE_CHOICES)}")
+    serving_dir = Path(env.get("MAAS_SERVING_DIR") or home / "serving" / "models").expanduser().resolve()
+    serving_config = Path(env.get("MAAS_SERVING_CONFIG") or serving_dir / "models.config").expanduser().resolve()
+    return Settings(
+        home=home,
+        store_url=store_url,
+        s3_endpoint=_str_setting(env, "MAAS_S3_ENDPOINT"),
+        s3_access_key=_str_setting(env, "MAAS_S3_ACCESS_KEY"),
+        s3_secret_key=_str_setting(env, "MAAS_S3_SECRET_KEY"),
+        s3_region=_str_setting(env, "MAAS_S3_REGION") or "us-east-1",
+        registry_dsn=_str_setting(env, "MAAS_REGISTRY_DSN"),
+        pg_port=_int_setting(env, "MAAS_PG_PORT", DEFAULT_PG_PORT),
+        model_name=_str_setting(env, "MAAS_MODEL_NAME") or DEFAULT_MODEL_NAME,
+        serving_host=_str_setting(env, "MAAS_SERVING_HOST") or "127.0.0.1",
+        grpc_port=_int_setting(env, "MAAS_GRPC_PORT", DEFAULT_GRPC_PORT),
+        rest_port=_int_setting(env, "MAAS_REST_PORT", DEFAULT_REST_PORT),
+        serving_dir=serving_dir,
+        serving_config=serving_config,
+        airflow_port=_int_setting(env, "MAAS_AIRFLOW_PORT", DEFAULT_AIRFLOW_PORT),
+        device=device,
+    )
