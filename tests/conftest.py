@@ -1,0 +1,26 @@
+"""Suite-wide set-up: isolate every test run from the developer's own stack and register the fixtures.
+
+MAAS_HOME and AIRFLOW_HOME point into a throwaway directory before anything imports Airflow or reads
+settings, so tests never touch ``.maas/`` or ``~/airflow``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+pytest_plugins = ["tests.fixtures.postgres", "tests.fixtures.s3"]
+
+_SESSION_HOME = tempfile.mkdtemp(prefix="maas-tests-")
+os.environ["MAAS_HOME"] = os.path.join(_SESSION_HOME, "maas")
+os.environ["AIRFLOW_HOME"] = os.path.join(_SESSION_HOME, "airflow")
+os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+for _name in [k for k in os.environ if k.startswith("MAAS_") and k != "MAAS_HOME"]:
+    del os.environ[_name]
+
+
+def pytest_unconfigure(config) -> None:
+    import shutil
+
+    shutil.rmtree(_SESSION_HOME, ignore_errors=True)

@@ -1,0 +1,49 @@
+"""Settings: defaults, overrides and the errors a user sees for malformed values."""
+
+from __future__ import annotations
+
+import pytest
+
+from maas_tasks.config import ConfigError, load_settings
+
+
+def test_defaults(tmp_path):
+    s = load_settings({"MAAS_HOME": str(tmp_path)})
+    assert s.store_url == f"file://{tmp_path / 'store'}"
+    assert (s.grpc_target, s.rest_url) == ("127.0.0.1:8500", "http://127.0.0.1:8501")
+    assert s.model_name == "sentiment"
+    assert s.serving_dir == tmp_path / "serving" / "models"
+    assert s.serving_config == s.serving_dir / "models.config"
+    assert s.device == "auto" and s.registry_dsn is None
+
+
+def test_overrides(tmp_path):
+    s = load_settings({
+        "MAAS_HOME": str(tmp_path), "MAAS_GRPC_PORT": "9500", "MAAS_REST_PORT": "9501",
+        "MAAS_MODEL_NAME": "spam", "MAAS_STORE_URL": "s3://bkt/p", "MAAS_DEVICE": "CPU",
+        "MAAS_SERVING_DIR": str(tmp_path / "srv"),
+    })
+    assert (s.grpc_port, s.rest_port, s.model_name, s.store_url, s.device) == (9500, 9501, "spam", "s3://bkt/p", "cpu")
+    assert s.serving_config == tmp_path / "srv" / "models.config"
+
+
+def test_settings_are_read_at_call_time(monkeypatch, tmp_path):
+    monkeypatch.setenv("MAAS_HOME", str(tmp_path))
+    monkeypatch.setenv("MAAS_MODEL_NAME", "first")
+    assert load_settings().model_name == "first"
+    monkeypatch.setenv("MAAS_MODEL_NAME", "second")
+    assert load_settings().model_name == "second"
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"MAAS_GRPC_PORT": "http"}, "MAAS_GRPC_PORT='http' is not an integer"),
+        ({"MAAS_REST_PORT": "70000"}, "outside 1-65535"),
+        ({"MAAS_STORE_URL": "gs://x"}, "use file:///absolute/dir or s3://bucket"),
+        ({"MAAS_DEVICE": "tpu"}, "MAAS_DEVICE='tpu' is not one of auto, cpu, gpu"),
+    ],
+)
+def test_malformed_values_name_the_variable(env, message, tmp_path):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_settings({"MAAS_HOME": str(tmp_path), **env})
