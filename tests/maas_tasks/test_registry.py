@@ -1,0 +1,282 @@
+"""Tests of the model registry against a real PostgreSQL database: migrations, snapshots, race-free
+version allocation, the status lifecycle, and the append-only event log."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import psycopg2
+import pytest
+
+from maas_tasks.registry import (
+    IllegalTransition,
+    Migration,
+    Registry,
+    RegistryError,
+    RegistryUnavailable,
+    VersionNotFound,
+    load_migrations,
+    migrate,
+)
+from tests.fixtures.postgres import find_free_port
+
+SHA_A = "a" * 64
+SHA_B = "b" * 64
+
+
+@pytest.fixture
+def registry(pg_dsn):
+    with Registry.connect(pg_dsn) as reg:
+        yield reg
+
+
+def _run_in_threads(count: int, work) -> list:
+    """Run ``work(index)`` on ``count`` threads released together; re-raise the first failure."""
+    barrier = threading.Barrier(count)
+
+    def start(index: int):
+        barrier.wait()
+        return work(index)
+
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        return list(pool.map(start, range(count)))
+
+
+def _applied_migrations(dsn: str) -> list[tuple[int, str]]:
+    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT version, name FROM schema_migrations ORDER BY version")
+        rows = cur.fetchall()
+    conn.close()
+    return rows
+
+
+def test_migrations_are_numbered_files_in_order():
+    migrations = load_migrations()
+    assert migrations[0].name == "0001_initial.sql"
+    assert [m.version for m in migrations] == sorted({m.version for m in migrations})
+
+
+def test_migrate_is_idempotent(pg_dsn):
+    expected = [(m.version, m.name) for m in load_migrations()]
+    conn = psycopg2.connect(pg_dsn)
+    try:
+        assert migrate(conn) == [v for v, _ in expected]
+        assert migrate(conn) == []
+    finally:
+        conn.close()
+    Registry.connect(pg_dsn).close()
+    assert _applied_migrations(pg_dsn) == expected
+
+
+def test_concurrent_migrations_apply_each_file_once(pg_dsn):
+    def start_registry(_: int) -> list[int]:
+        conn = psycopg2.connect(pg_dsn)
+        try:
+            return migrate(conn)
+        finally:
+            conn.close()
+
+    results = _run_in_threads(4, start_registry)
+    versions = [m.version for m in load_migrations()]
+    assert sorted(results, key=len) == [[], [], [], versions]
+    assert [v for v, _ in _applied_migrations(pg_dsn)] == versions
+
+
+def test_migrate_refuses_an_edited_migration(pg_dsn):
+    Registry.connect(pg_dsn).close()
+    first = load_migrations()[0]
+    edited = Migration(first.version, first.name, first.sql + "\n-- edited\n")
+    conn = psycopg2.connect(pg_dsn)
+    try:
+        with pytest.raises(RegistryError, match="changed after it was applied"):
+            migrate(conn, [edited])
+        with pytest.raises(RegistryError, match="does not know"):
+            migrate(conn, [])
+    finally:
+        conn.close()
+
+
+def test_record_snapshot_is_idempotent_on_content(registry):
+    first = registry.record_snapshot(
+        "file:///store/snapshots/a.csv", SHA_A, 120, "sample", {"labels": 2}, columns=["text", "label"]
+    )
+    again = registry.record_snapshot("file:///elsewhere/a.csv", SHA_A, 120, "sample", {})
+    other = registry.record_snapshot("file:///store/snapshots/b.csv", SHA_B, 7, "upload")
+    assert again == first != other
+    snapshot = registry.get_snapshot(first)
+    assert (snapshot.uri, snapshot.rows, snapshot.source) == ("file:///store/snapshots/a.csv", 120, "sample")
+    assert snapshot.columns == ["text", "label"] and snapshot.metadata == {"labels": 2}
+    assert len(registry.list_events(kind="snapshot_recorded")) == 2
+
+
+def test_record_snapshot_rejects_bad_hash(registry):
+    with pytest.raises(RegistryError, match="64 lowercase hex"):
+        registry.record_snapshot("file:///x.csv", "ABC", 1, "sample")
+
+
+def test_register_version_records_everything(registry):
+    snapshot_id = registry.record_snapshot("file:///a.csv", SHA_A, 10, "sample")
+    version = registry.register_version(
+        "sentiment", status="candidate", metrics={"accuracy": 0.91}, snapshot_id=snapshot_id, dag_run_id="run-1"
+    )
+    assert version == 1
+    assert registry.register_version("other-model", metrics={}) == 1
+    got = registry.get_version("sentiment", 1)
+    assert (got.status, got.metrics, got.snapshot_id, got.dag_run_id) == ("candidate", {"accuracy": 0.91}, 1, "run-1")
+    assert got.artifact_uri is None
+
+    registry.set_artifact("sentiment", 1, "s3://models/sentiment/1")
+    updated = registry.get_version("sentiment", 1)
+    assert updated.artifact_uri == "s3://models/sentiment/1"
+    assert updated.updated_at >= got.updated_at
+    assert [e.kind for e in registry.list_events(model_name="sentiment")] == ["registered", "artifact_set"]
+    with pytest.raises(VersionNotFound):
+        registry.set_artifact("sentiment", 99, "s3://nowhere")
+
+
+def test_register_version_must_start_as_candidate_or_rejected(registry):
+    with pytest.raises(IllegalTransition, match="mark_serving"):
+        registry.register_version("sentiment", status="serving")
+    assert registry.register_version("sentiment", status="rejected") == 1
+
+
+@pytest.mark.slow
+def test_concurrent_allocations_never_collide_or_skip(pg_dsn):
+    Registry.connect(pg_dsn).close()
+
+    def allocate(_: int) -> list[int]:
+        with Registry(pg_dsn) as reg:
+            return [reg.register_version("sentiment", metrics={}) for _ in range(25)]
+
+    allocated = [v for chunk in _run_in_threads(8, allocate) for v in chunk]
+    assert sorted(allocated) == list(range(1, 201))
+    with Registry(pg_dsn) as reg:
+        assert [v.version for v in reg.list_versions("sentiment")] == list(range(1, 201))
+
+
+def test_rolled_back_registration_leaves_no_gap(registry):
+    assert registry.register_version("sentiment") == 1
+    with pytest.raises(RegistryError, match="snapshot id 424242 does not exist"):
+        registry.register_version("sentiment", snapshot_id=424242)
+    assert registry.register_version("sentiment") == 2
+    assert [v.version for v in registry.list_versions("sentiment")] == [1, 2]
+    assert len(registry.list_events(kind="registered")) == 2
+
+
+def test_mark_serving_retires_the_previous_version(registry):
+    for _ in range(3):
+        registry.register_version("sentiment")
+    assert registry.serving_version("sentiment") is None
+    assert registry.mark_serving("sentiment", 1) is None
+    assert registry.mark_serving("sentiment", 2) == 1
+    assert registry.serving_version("sentiment") == 2
+    assert {v.version: v.status for v in registry.list_versions("sentiment")} == {
+        1: "retired", 2: "serving", 3: "candidate"
+    }
+    last_two = registry.list_events(model_name="sentiment", limit=2)
+    assert [(e.kind, e.version) for e in last_two] == [("retired", 1), ("serving", 2)]
+    assert last_two[1].detail == {"from": "candidate", "replaces": 1}
+
+    events_before = len(registry.list_events())
+    assert registry.mark_serving("sentiment", 2) is None
+    assert len(registry.list_events()) == events_before
+
+    # Rolling back to a retired version is allowed.
+    assert registry.set_status("sentiment", 1, "serving") is None
+    assert registry.serving_version("sentiment") == 1
+    assert registry.get_version("sentiment", 2).status == "retired"
+
+
+def test_illegal_transitions_are_refused_and_change_nothing(registry):
+    registry.register_version("sentiment")
+    registry.register_version("sentiment")
+    registry.set_status("sentiment", 1, "rejected", {"reason": "accuracy below threshold"})
+    assert registry.list_events(kind="rejected")[0].detail == {"from": "candidate", "reason": "accuracy below threshold"}
+    with pytest.raises(IllegalTransition, match="v1 is rejected; it cannot become serving"):
+        registry.mark_serving("sentiment", 1)
+    with pytest.raises(IllegalTransition, match="cannot become retired"):
+        registry.set_status("sentiment", 2, "retired")
+    with pytest.raises(IllegalTransition, match="unknown status"):
+        registry.set_status("sentiment", 2, "deployed")
+    with pytest.raises(VersionNotFound):
+        registry.mark_serving("sentiment", 3)
+    assert [v.status for v in registry.list_versions("sentiment")] == ["rejected", "candidate"]
+    assert registry.serving_version("sentiment") is None
+
+
+def test_database_allows_one_serving_version_per_model(registry, pg_dsn):
+    registry.register_version("sentiment")
+    registry.register_version("sentiment")
+    registry.mark_serving("sentiment", 1)
+    conn = psycopg2.connect(pg_dsn)
+    try:
+        with pytest.raises(psycopg2.errors.UniqueViolation), conn.cursor() as cur:
+            cur.execute("UPDATE model_versions SET status = 'serving' WHERE version = 2")
+    finally:
+        conn.close()
+
+
+def test_concurrent_promotions_leave_exactly_one_serving(pg_dsn):
+    with Registry.connect(pg_dsn) as reg:
+        for _ in range(4):
+            reg.register_version("sentiment")
+
+    def promote(index: int) -> None:
+        with Registry(pg_dsn) as reg:
+            for _ in range(5):
+                reg.mark_serving("sentiment", index + 1)
+
+    _run_in_threads(4, promote)
+    with Registry(pg_dsn) as reg:
+        statuses = [v.status for v in reg.list_versions("sentiment")]
+        assert statuses.count("serving") == 1 and statuses.count("retired") == 3
+        serving_events = reg.list_events(kind="serving")
+        assert serving_events[-1].version == reg.serving_version("sentiment")
+
+
+def test_event_log_is_append_only(registry, pg_dsn):
+    event_id = registry.record_event("deployed", "sentiment", 1, {"target": "tf-serving"})
+    assert [(e.id, e.kind, e.detail) for e in registry.list_events(kind="deployed")] == [
+        (event_id, "deployed", {"target": "tf-serving"})
+    ]
+    conn = psycopg2.connect(pg_dsn)
+    try:
+        for statement in (
+            "UPDATE model_events SET kind = 'tampered'",
+            "DELETE FROM model_events",
+            "TRUNCATE model_events",
+        ):
+            with pytest.raises(psycopg2.Error, match="append-only"):
+                with conn, conn.cursor() as cur:
+                    cur.execute(statement)
+    finally:
+        conn.close()
+    assert len(registry.list_events()) == 1
+
+
+def test_list_events_filters_and_keeps_the_latest(registry):
+    for n in range(5):
+        registry.record_event("note", "sentiment", n)
+    registry.record_event("note", "other")
+    assert [e.version for e in registry.list_events(model_name="sentiment", limit=2)] == [3, 4]
+    assert [e.version for e in registry.list_events(model_name="sentiment", version=2)] == [2]
+    assert len(registry.list_events(kind="note")) == 6
+
+
+def test_unreachable_registry_names_the_target_and_the_fix_but_not_the_password():
+    port = find_free_port()
+    with pytest.raises(RegistryUnavailable) as caught:
+        Registry(f"host=127.0.0.1 port={port} dbname=maas user=maas password=hunter2secret", connect_timeout=2)
+    message = str(caught.value)
+    assert f"host 127.0.0.1 port {port} database maas" in message
+    assert "maas stack up" in message and "MAAS_REGISTRY_DSN" in message
+    assert "hunter2secret" not in message
+
+
+def test_wrong_password_is_reported_without_the_password(pg_cluster):
+    dsn = f"postgresql://maas:wr0ng-pass@127.0.0.1:{pg_cluster.port}/postgres"
+    with pytest.raises(RegistryUnavailable) as caught:
+        Registry(dsn)
+    assert "password authentication failed" in str(caught.value)
+    assert "wr0ng-pass" not in str(caught.value)
