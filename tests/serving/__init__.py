@@ -1,0 +1,1 @@
+"""Tests of the serving side: model config, model server, clients, promotion."""
