@@ -229,6 +229,11 @@ def test_stop_and_restart_keep_data(open_tmp):
         with pytest.raises(psycopg2.OperationalError):
             psycopg2.connect(cluster.dsn(), connect_timeout=2)
 
+        saved = cluster.password_file.rename(cluster.root / "password.saved")
+        with pytest.raises(PostgresError, match="password file .* is gone"):
+            init_cluster(cluster)
+        saved.rename(cluster.password_file)
+
         start_cluster(cluster)
         with psycopg2.connect(cluster.dsn()) as conn, conn.cursor() as cur:
             cur.execute("SELECT v FROM kept")
