@@ -259,10 +259,15 @@ class _Handler(BaseHTTPRequestHandler):
         self._handle()
 
     def _handle(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
         path = urlsplit(self.path).path
         try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        body = self.rfile.read(length) if length > 0 else b""
+        try:
+            if length < 0:
+                raise _invalid(f"Content-Length {self.headers.get('Content-Length')!r} is not a byte count")
             status, payload = 200, self._dispatch(path, body)
         except ServingError as exc:
             status, payload = HTTP_STATUS.get(exc.code, 500), {"error": exc.message}

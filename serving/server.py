@@ -385,28 +385,28 @@ class ModelManager:
             return {}
         policy = entry.model_version_policy
         choice = policy.WhichOneof("policy_choice")
+        problem = ""
         if choice == "all":
             aspired = found
         elif choice == "specific":
             wanted = set(policy.specific.versions)
-            missing = sorted(wanted - set(found))
-            if missing:
-                self._warn_once(
-                    model,
-                    f"Versions {missing} of servable {entry.name}, requested as 'specific' versions in its "
-                    f"version policy, were not found in {base}",
-                )
             aspired = {v: p for v, p in found.items() if v in wanted}
+            if wanted - set(found):
+                problem = (
+                    f"Versions {sorted(wanted - set(found))} of servable {entry.name}, requested as 'specific' "
+                    f"versions in its version policy, were not found in {base}"
+                )
         else:
             keep = sorted(found, reverse=True)[: max(policy.latest.num_versions, 1)]
             aspired = {v: found[v] for v in keep}
         if not found:
-            self._warn_once(
-                model,
+            problem = (
                 f"No versions of servable {entry.name} found under base path {base}. "
-                "Did you forget to name your leaf directory as a number (eg. '/1/')?",
+                "Did you forget to name your leaf directory as a number (eg. '/1/')?"
             )
-        elif choice != "specific" or not missing:
+        if problem:
+            self._warn_once(model, problem)
+        else:
             model.warned = ""
         return aspired
 
@@ -531,10 +531,12 @@ class ModelServer:
 
     @property
     def grpc_target(self) -> str:
+        """``host:port`` of the gRPC API (the bound port once started)."""
         return f"{self.host}:{self.grpc_port}"
 
     @property
     def rest_url(self) -> str:
+        """Base URL of the REST API (the bound port once started)."""
         return f"http://{self.host}:{self.rest_port}"
 
     def start(self) -> None:
@@ -599,6 +601,7 @@ class ModelServer:
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
+    """The command line, with TF Serving's flag names."""
     parser = argparse.ArgumentParser(
         prog="python -m serving.server",
         description="MaaS model server: TF Serving's REST and gRPC APIs for SavedModels, with TF Serving's flags.",
