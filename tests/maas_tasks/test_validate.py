@@ -1,0 +1,98 @@
+"""Tests of the Great Expectations data checks: good data passes, each kind of bad data fails clearly."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from maas_tasks.validate import DataValidationError, validate_frame, validate_snapshot
+from tests.maas_tasks.conftest import put_parquet
+
+
+def _frame(texts: list, labels: list) -> pd.DataFrame:
+    return pd.DataFrame({"id": range(len(texts)), "text": texts, "label": labels})
+
+
+def _failure(df: pd.DataFrame, **kwargs) -> str:
+    with pytest.raises(DataValidationError) as info:
+        validate_frame(df, text_col=kwargs.pop("text_col", "text"), label_col="label", **kwargs)
+    assert isinstance(info.value, ValueError)
+    return str(info.value)
+
+
+def test_good_data_passes_with_a_summary():
+    df = _frame(["a fine film", "<br />awful", "ok I guess"], ["pos", "neg", "pos"])
+    summary = validate_frame(df, text_col="text", label_col="label", allowed_labels=["pos", "neg"])
+    assert summary["success"] is True
+    assert summary["rows"] == 3
+    assert summary["labels"] == {"neg": 1, "pos": 2}
+    assert summary["expectations"] == 8
+
+
+def test_int_labels_match_allowed_names():
+    summary = validate_frame(_frame(["a", "b"], [0, 1]), text_col="text", label_col="label", allowed_labels=["0", "1"])
+    assert summary["labels"] == {"0": 1, "1": 1}
+
+
+def test_missing_text_column_names_the_columns_there_are():
+    message = _failure(_frame(["a", "b"], ["x", "y"]), text_col="review")
+    assert "column 'review' is missing" in message
+    assert "id, text, label" in message
+    assert "--text-col" in message
+    assert "Traceback" not in message and "MetricConfigurationID" not in message
+
+
+def test_empty_frame_is_reported_as_empty():
+    message = _failure(_frame([], []))
+    assert "the table is empty (0 rows, at least 2 needed)" in message
+    assert "distinct label" not in message  # not a second, derived complaint
+
+
+def test_frame_without_columns_is_reported_as_an_empty_file():
+    message = _failure(pd.DataFrame())
+    assert "no columns" in message and "empty or has no header" in message
+
+
+def test_null_labels_counted_with_row_index():
+    message = _failure(_frame(["a", "b", "c", "d"], ["x", None, "y", None]))
+    assert "column 'label': 2 of 4 rows have no label" in message
+    assert "row index 1, 3" in message
+
+
+def test_single_label_is_not_a_classification_task():
+    message = _failure(_frame(["a", "b", "c"], ["x", "x", "x"]))
+    assert "1 distinct label(s) ('x')" in message
+    assert "at least 2" in message
+
+
+def test_blank_texts_fail_with_examples():
+    message = _failure(_frame(["good", "   ", "", "bad"], ["x", "y", "x", "y"]))
+    assert "column 'text': 2 of 4 rows are blank after stripping" in message
+    assert "'   '" in message
+
+
+def test_labels_outside_the_allowed_set():
+    message = _failure(_frame(["a", "b", "c"], ["pos", "neg", "meh"]), allowed_labels=["pos", "neg"])
+    assert "1 of 3 rows have a label outside {'pos', 'neg'}" in message
+    assert "'meh'" in message
+
+
+def test_too_few_rows():
+    message = _failure(_frame(["a", "b"], ["x", "y"]), min_rows=10)
+    assert "2 rows, at least 10 needed" in message
+
+
+def test_every_problem_is_listed_and_kept_on_the_error():
+    with pytest.raises(DataValidationError) as info:
+        validate_frame(_frame(["a", None, " "], ["x", "x", "x"]), text_col="text", label_col="label")
+    failures = info.value.summary["failures"]
+    assert len(failures) == 3
+    assert info.value.summary["success"] is False
+
+
+def test_validate_snapshot_reads_parquet_and_names_the_object(file_store):
+    key = put_parquet(file_store, "snapshots/s1/data.parquet", _frame(["a", "b"], ["x", "y"]))
+    assert validate_snapshot(file_store, key, text_col="text", label_col="label")["key"] == key
+    bad = put_parquet(file_store, "snapshots/s2/data.parquet", _frame(["a", "b"], ["x", "x"]))
+    with pytest.raises(DataValidationError, match="snapshots/s2/data.parquet"):
+        validate_snapshot(file_store, bad, text_col="text", label_col="label")
