@@ -74,7 +74,8 @@ def test_build_features_writes_split_and_vectorizer(file_store, cleaned):
     result = build_features(file_store, key, max_tokens=500, eval_fraction=0.2, seed=1)
     prefix = result["key"]
     assert prefix.startswith("features/")
-    assert file_store.list_keys(prefix) == [f"{prefix}/{n}" for n in ("eval.parquet", "train.parquet", "vectorizer.json")]
+    names = ("eval.parquet", "train.parquet", "vectorizer.json")
+    assert file_store.list_keys(prefix) == [f"{prefix}/{name}" for name in names]
     train = pd.read_parquet(io.BytesIO(file_store.get_bytes(f"{prefix}/train.parquet")))
     evaluation = pd.read_parquet(io.BytesIO(file_store.get_bytes(f"{prefix}/eval.parquet")))
     assert (len(train), len(evaluation)) == (result["train_rows"], result["eval_rows"])

@@ -1,0 +1,149 @@
+"""Export stage: turn a trained ``.keras`` model into a TensorFlow Serving version in the object store.
+
+The SavedModel is written with Keras's ``ExportArchive`` (a plain ``tf.saved_model.save`` of a Keras
+model does not load in TF Serving's session-based loader) and has one signature, ``serving_default``,
+which is the serving contract:
+
+- input ``text``: DT_STRING, shape [-1] (raw text; TF-IDF happens inside the graph);
+- output ``scores``: DT_FLOAT [-1, K] class probabilities;
+- output ``classes``: DT_STRING [-1, K] the class names, in the same order as ``scores``;
+- output ``label``: DT_STRING [-1] the most probable class.
+
+The export is checked by loading it back and calling the signature before anything is uploaded.
+The version's files go to ``models/<name>/<version>/`` (manifest last) and its metadata to
+``models/<name>/<version>.json`` after that, so a reader that finds the metadata finds a complete model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from maas_tasks.evaluate import load_model
+from maas_tasks.storage import Store, delete_prefix, upload_tree
+from maas_tasks.train import HISTORY_FILE, model_file_key
+
+SIGNATURE_NAME = "serving_default"
+INPUT_NAME = "text"
+OUTPUT_NAMES = ("classes", "label", "scores")
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ExportError(RuntimeError):
+    """The exported SavedModel does not honour the serving contract."""
+
+
+def _serving_function(model: Any, classes: list[str]) -> Any:
+    import tensorflow as tf
+
+    class_names = tf.constant(classes, dtype=tf.string)
+
+    # The argument's name is the signature's input key, so it must be `text`.
+    @tf.function(input_signature=[tf.TensorSpec(shape=[None], dtype=tf.string, name=INPUT_NAME)])
+    def serve(text: tf.Tensor) -> dict[str, tf.Tensor]:
+        scores = tf.cast(model(text, training=False), tf.float32)
+        batch = tf.shape(text)[0]
+        return {
+            "scores": scores,
+            "classes": tf.tile(class_names[tf.newaxis, :], [batch, 1]),
+            "label": tf.gather(class_names, tf.argmax(scores, axis=1)),
+        }
+
+    return serve
+
+
+def _check_saved_model(path: Path, classes: list[str]) -> None:
+    """Load the SavedModel back and call its signature on two strings; raise if the contract is broken."""
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(path))
+    if SIGNATURE_NAME not in loaded.signatures:
+        raise ExportError(f"{path} has no {SIGNATURE_NAME!r} signature (has {list(loaded.signatures)})")
+    signature = loaded.signatures[SIGNATURE_NAME]
+    inputs = signature.structured_input_signature[1]
+    if set(inputs) != {INPUT_NAME} or inputs[INPUT_NAME].dtype != tf.string:
+        raise ExportError(f"{path}: signature inputs are {inputs}; the contract is one string input 'text'")
+    out = signature(text=tf.constant(["a sample text", "another one"]))
+    k = len(classes)
+    expected = {"scores": (tf.float32, (2, k)), "classes": (tf.string, (2, k)), "label": (tf.string, (2,))}
+    for name, (dtype, shape) in expected.items():
+        if name not in out or out[name].dtype != dtype or tuple(out[name].shape) != shape:
+            got = {n: (t.dtype.name, tuple(t.shape)) for n, t in out.items()}
+            raise ExportError(f"{path}: signature outputs are {got}; the contract wants {name} {dtype.name} {shape}")
+    if set(out) != set(OUTPUT_NAMES):
+        raise ExportError(f"{path}: signature outputs are {sorted(out)}; the contract is {sorted(OUTPUT_NAMES)}")
+    if [c.decode() for c in out["classes"].numpy()[0]] != classes:
+        raise ExportError(f"{path}: the exported classes differ from the model's {classes}")
+
+
+def _model_classes(store: Store, model_key: str, model: Any) -> list[str]:
+    """The class names recorded at training time, checked against the model's output width."""
+    prefix = model_file_key(model_key).rsplit("/", 1)[0]
+    classes = [str(c) for c in json.loads(store.get_bytes(f"{prefix}/{HISTORY_FILE}"))["classes"]]
+    width = model.output_shape[-1]
+    if len(classes) != width:
+        raise ExportError(
+            f"{store.uri(prefix)}: {HISTORY_FILE} lists {len(classes)} classes but the model outputs {width} scores; "
+            "the training output is inconsistent: re-run training"
+        )
+    return classes
+
+
+def write_saved_model(model: Any, classes: list[str], path: Path) -> None:
+    """Write ``model`` as a SavedModel with the serving contract at ``path`` and verify it."""
+    import keras
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(SIGNATURE_NAME, _serving_function(model, classes))
+    archive.write_out(str(path), verbose=False)
+    _check_saved_model(path, classes)
+
+
+def export_model(
+    store: Store, model_key: str, *, model_name: str, version: int, metadata: dict[str, Any]
+) -> dict[str, Any]:
+    """Export the trained model at ``model_key`` as version ``version`` of ``model_name``.
+
+    Re-exporting a version replaces it: the old metadata and files are removed first, then the new
+    files are uploaded (manifest last) and the metadata JSON is written last of all.
+
+    Args:
+        model_key: the trained ``.keras`` object (or its ``trained/<hash>`` prefix).
+        version: a positive integer (TF Serving version directories are numbers).
+        metadata: caller's facts to record, e.g. metrics, snapshot key, run id.
+
+    Returns:
+        ``prefix`` (``models/<name>/<version>``), ``uri`` of that prefix, ``files`` (the manifest)
+        and ``metadata_key``.
+    """
+    if not _MODEL_NAME.match(model_name):
+        raise ValueError(f"model name {model_name!r} must be 1-64 letters, digits, '_', '-' or '.'")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"version {version!r} must be a positive integer (TF Serving version directories are numbers)")
+    model = load_model(store, model_key)
+    classes = _model_classes(store, model_key, model)
+    prefix = f"models/{model_name}/{version}"
+    metadata_key = f"{prefix}.json"
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / str(version)
+        write_saved_model(model, classes, local)
+        store.delete(metadata_key)
+        delete_prefix(store, prefix)
+        files = upload_tree(store, local, prefix)
+    record = {
+        "model_name": model_name,
+        "version": version,
+        "classes": classes,
+        "model_key": model_key,
+        "metadata": metadata,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "files": sorted(files),
+        "uri": store.uri(prefix),
+    }
+    store.put_bytes(metadata_key, json.dumps(record, indent=2, sort_keys=True, default=str).encode())
+    return {"prefix": prefix, "uri": store.uri(prefix), "files": files, "metadata_key": metadata_key}

@@ -1,0 +1,126 @@
+"""Tests of the SavedModel export: the serving contract, equal predictions, and the publish order."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from maas_tasks.evaluate import load_model, predict_scores
+from maas_tasks.export import export_model
+from maas_tasks.storage import MANIFEST_NAME, download_tree
+
+pytestmark = pytest.mark.slow
+
+TEXTS = ["A superb, moving film.", "Dull and tedious.<br />Awful.", "It was released last spring.", ""]
+
+
+class RecordingStore:
+    """Wraps a store and records the order of writes, to check what is published last."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.writes: list[str] = []
+
+    def put_bytes(self, key, data):
+        self.writes.append(key)
+        self.inner.put_bytes(key, data)
+
+    def put_file(self, key, path):
+        self.writes.append(key)
+        self.inner.put_file(key, path)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory):
+    store = RecordingStore(trained_run["store"])
+    metadata = {"run_id": "run-1", "metrics": {"accuracy": 0.9}, "snapshot_key": trained_run["snapshot_key"]}
+    result = export_model(store, trained_run["trained"]["key"], model_name="sentiment", version=3, metadata=metadata)
+    local = tmp_path_factory.mktemp("export") / "3"
+    download_tree(trained_run["store"], result["prefix"], local)
+    return {"result": result, "store": store, "local": local, "metadata": metadata}
+
+
+def test_signature_def_is_the_serving_contract(exported):
+    from tensorflow.python.saved_model import loader_impl
+
+    saved_model = loader_impl.parse_saved_model(str(exported["local"]))
+    (meta_graph,) = saved_model.meta_graphs
+    assert "serve" in meta_graph.meta_info_def.tags
+    signature = meta_graph.signature_def["serving_default"]
+
+    def spec(info):
+        from tensorflow.core.framework import types_pb2
+
+        return types_pb2.DataType.Name(info.dtype), [d.size for d in info.tensor_shape.dim]
+
+    assert {name: spec(info) for name, info in signature.inputs.items()} == {"text": ("DT_STRING", [-1])}
+    assert {name: spec(info) for name, info in signature.outputs.items()} == {
+        "scores": ("DT_FLOAT", [-1, 2]),
+        "classes": ("DT_STRING", [-1, 2]),
+        "label": ("DT_STRING", [-1]),
+    }
+
+
+def test_saved_model_predicts_like_the_keras_model(exported, trained_run):
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(exported["local"]))
+    out = loaded.signatures["serving_default"](text=tf.constant(TEXTS))
+    keras_scores = predict_scores(load_model(trained_run["store"], trained_run["trained"]["key"]), TEXTS)
+    np.testing.assert_allclose(out["scores"].numpy(), keras_scores, rtol=1e-5, atol=1e-6)
+    classes = np.array(["negative", "positive"])
+    assert [row.tolist() for row in out["classes"].numpy().astype(str)] == [classes.tolist()] * len(TEXTS)
+    assert out["label"].numpy().astype(str).tolist() == classes[keras_scores.argmax(axis=1)].tolist()
+
+
+def test_metadata_and_manifest_are_written_last(exported, trained_run):
+    result, store = exported["result"], exported["store"]
+    assert result["prefix"] == "models/sentiment/3"
+    assert result["uri"] == trained_run["store"].uri("models/sentiment/3")
+    assert {"saved_model.pb", "variables/variables.index"} <= set(result["files"])
+    assert store.writes[-2:] == ["models/sentiment/3/" + MANIFEST_NAME, "models/sentiment/3.json"]
+    record = json.loads(store.get_bytes("models/sentiment/3.json"))
+    assert record["model_name"] == "sentiment" and record["version"] == 3
+    assert record["classes"] == ["negative", "positive"]
+    assert record["metadata"] == exported["metadata"]
+    assert record["files"] == sorted(result["files"])
+    assert record["created_at"].endswith("+00:00")
+
+
+def test_reexport_replaces_the_version(trained_run):
+    store = trained_run["store"]
+    stale = "models/sentiment/4/stale.txt"
+    store.put_bytes(stale, b"left over from an older export")
+    first = export_model(store, trained_run["trained"]["key"], model_name="sentiment", version=4, metadata={"n": 1})
+    assert not store.exists(stale)
+    again = export_model(store, trained_run["trained"]["prefix"], model_name="sentiment", version=4, metadata={"n": 2})
+    assert set(again["files"]) == set(first["files"])
+    assert store.list_keys("models/sentiment/4") == sorted(
+        [f"models/sentiment/4/{name}" for name in first["files"]] + [f"models/sentiment/4/{MANIFEST_NAME}"]
+    )
+    assert json.loads(store.get_bytes("models/sentiment/4.json"))["metadata"] == {"n": 2}
+
+
+@pytest.mark.parametrize("version", [0, -1, "7", 1.0, True])
+def test_bad_versions_are_rejected(trained_run, version):
+    with pytest.raises(ValueError, match="positive integer"):
+        export_model(trained_run["store"], "trained/x", model_name="sentiment", version=version, metadata={})
+
+
+def test_bad_model_name_is_rejected(trained_run):
+    with pytest.raises(ValueError, match="model name"):
+        export_model(trained_run["store"], "trained/x", model_name="../up", version=1, metadata={})
+
+
+def test_export_of_a_missing_model_names_it(trained_run, tmp_path: Path):
+    from maas_tasks.storage import ObjectNotFound
+
+    with pytest.raises(ObjectNotFound, match="trained/missing/model.keras"):
+        export_model(trained_run["store"], "trained/missing", model_name="sentiment", version=9, metadata={})
