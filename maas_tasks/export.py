@@ -37,6 +37,11 @@ class ExportError(RuntimeError):
     """The exported SavedModel does not honour the serving contract."""
 
 
+def version_prefix(model_name: str, version: int) -> str:
+    """The store prefix of an exported version: ``models/<model_name>/<version>``."""
+    return f"models/{model_name}/{version}"
+
+
 def _serving_function(model: Any, classes: list[str]) -> Any:
     import tensorflow as tf
 
@@ -127,7 +132,7 @@ def export_model(
         raise ValueError(f"version {version!r} must be a positive integer (TF Serving version directories are numbers)")
     model = load_model(store, model_key)
     classes = _model_classes(store, model_key, model)
-    prefix = f"models/{model_name}/{version}"
+    prefix = version_prefix(model_name, version)
     metadata_key = f"{prefix}.json"
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / str(version)

@@ -113,6 +113,11 @@ def _review(rng: random.Random, label: str, title: str) -> str:
     return text
 
 
+def sample_data_path() -> Path:
+    """The packaged demo CSV (what the pipeline trains on when no data is given)."""
+    return SAMPLE_CSV
+
+
 def generate_reviews(n: int, *, seed: int) -> pd.DataFrame:
     """Generate ``n`` labeled reviews, the same ones for the same ``n`` and ``seed``.
 

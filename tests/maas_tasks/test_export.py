@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from maas_tasks.evaluate import load_model, predict_scores
-from maas_tasks.export import export_model
+from maas_tasks.export import export_model, version_prefix
 from maas_tasks.storage import MANIFEST_NAME, download_tree
 
 pytestmark = pytest.mark.slow
@@ -82,7 +82,7 @@ def test_saved_model_predicts_like_the_keras_model(exported, trained_run):
 
 def test_metadata_and_manifest_are_written_last(exported, trained_run):
     result, store = exported["result"], exported["store"]
-    assert result["prefix"] == "models/sentiment/3"
+    assert result["prefix"] == "models/sentiment/3" == version_prefix("sentiment", 3)
     assert result["uri"] == trained_run["store"].uri("models/sentiment/3")
     assert {"saved_model.pb", "variables/variables.index"} <= set(result["files"])
     assert store.writes[-2:] == ["models/sentiment/3/" + MANIFEST_NAME, "models/sentiment/3.json"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from maas_tasks.sample_data import SAMPLE_CSV, SAMPLE_ROWS, SAMPLE_SEED, generate_reviews, main
+from maas_tasks.sample_data import SAMPLE_CSV, SAMPLE_ROWS, SAMPLE_SEED, generate_reviews, main, sample_data_path
 from tests.maas_tasks.conftest import put_parquet
 
 
@@ -38,6 +38,7 @@ def test_labels_are_noisy_but_informative():
 
 
 def test_committed_csv_matches_the_generator(tmp_path):
+    assert sample_data_path() == SAMPLE_CSV and SAMPLE_CSV.is_file()
     committed = pd.read_csv(SAMPLE_CSV)
     assert len(committed) == SAMPLE_ROWS
     pd.testing.assert_frame_equal(committed, generate_reviews(SAMPLE_ROWS, seed=SAMPLE_SEED))
