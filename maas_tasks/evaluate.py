@@ -179,3 +179,36 @@ def decide_gate(metrics: dict[str, Any], *, min_accuracy: float) -> dict[str, An
     passed = not failed
     reasons = failed if failed else [message for _, message in checks.values()]
     return {"passed": passed, "reason": "; ".join(reasons), "checks": {name: ok for name, (ok, _) in checks.items()}}
+
+
+def evaluate_and_register(
+    store: Store,
+    registry: Any,
+    model_key: str,
+    features_key: str,
+    *,
+    model_name: str,
+    min_accuracy: float,
+    snapshot_id: int | None,
+    dag_run_id: str | None,
+) -> dict[str, Any]:
+    """Evaluate a trained model, decide the gate, and register it as the model's next version.
+
+    A model that fails the gate is registered as ``rejected`` (so the attempt and its metrics are
+    on record) and is never exported; one that passes is a ``candidate``.
+
+    Returns:
+        ``model_name``, ``version``, ``gate`` (:func:`decide_gate`'s dict) and the headline metrics.
+    """
+    metrics = evaluate_model(store, model_key, features_key)
+    gate = decide_gate(metrics, min_accuracy=min_accuracy)
+    recorded = {k: v for k, v in metrics.items() if k not in ("model_key", "features_key")}
+    version = registry.register_version(
+        model_name,
+        status="candidate" if gate["passed"] else "rejected",
+        metrics={**recorded, "gate": gate, "min_accuracy": min_accuracy},
+        snapshot_id=snapshot_id,
+        dag_run_id=dag_run_id,
+    )
+    headline = {k: metrics[k] for k in ("accuracy", "precision", "recall", "f1", "roc_auc", "n_eval") if k in metrics}
+    return {"model_name": model_name, "version": version, "gate": gate, "metrics": headline}

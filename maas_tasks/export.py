@@ -152,3 +152,31 @@ def export_model(
     }
     store.put_bytes(metadata_key, json.dumps(record, indent=2, sort_keys=True, default=str).encode())
     return {"prefix": prefix, "uri": store.uri(prefix), "files": files, "metadata_key": metadata_key}
+
+
+def export_registered_version(
+    store: Store, registry: Any, model_key: str, evaluation: dict[str, Any]
+) -> dict[str, Any]:
+    """Export the version ``evaluate_and_register`` registered, and record its artifact in the registry.
+
+    Raises:
+        ExportError: the version is not a candidate (a rejected model is never exported).
+    """
+    model_name, version = evaluation["model_name"], evaluation["version"]
+    record = registry.get_version(model_name, version)
+    if record.status not in ("candidate", "serving"):
+        raise ExportError(f"{model_name} v{version} is {record.status}; only a candidate that passed the gate is exported")
+    snapshot = registry.get_snapshot(record.snapshot_id) if record.snapshot_id is not None else None
+    exported = export_model(
+        store,
+        model_key,
+        model_name=model_name,
+        version=version,
+        metadata={
+            "metrics": record.metrics,
+            "dag_run_id": record.dag_run_id,
+            "snapshot": {"id": snapshot.id, "uri": snapshot.uri, "sha256": snapshot.sha256} if snapshot else None,
+        },
+    )
+    registry.set_artifact(model_name, version, exported["uri"])
+    return {"model_name": model_name, "version": version, "prefix": exported["prefix"], "uri": exported["uri"]}

@@ -211,3 +211,50 @@ def validate_snapshot(
     except DataValidationError as exc:
         raise DataValidationError(f"{store.uri(key)}: {exc}", {"key": key, **exc.summary}) from None
     return {"key": key, **summary}
+
+
+def validate_staged_snapshot(
+    store: Store,
+    registry: Any,
+    staged: dict[str, Any],
+    *,
+    text_col: str,
+    label_col: str,
+    allowed_labels: list[str] | None = None,
+    dag_run_id: str | None = None,
+) -> dict[str, Any]:
+    """Validate a snapshot staged by ingest, then publish it or discard it.
+
+    Good data is published under ``snapshots/`` and recorded in the registry; bad data is deleted
+    from the store (nothing is left behind) and the failure is logged in the registry's event log.
+
+    Returns:
+        The published snapshot's reference: ``key``, ``uri``, ``sha256``, ``rows``, ``snapshot_id``.
+
+    Raises:
+        DataValidationError: the data failed a check; the message says which and how to fix it.
+    """
+    from maas_tasks.ingest import discard_snapshot, publish_snapshot
+
+    try:
+        summary = validate_snapshot(
+            store, staged["key"], text_col=text_col, label_col=label_col, allowed_labels=allowed_labels
+        )
+    except DataValidationError as exc:
+        discard_snapshot(store, staged)
+        message = f"{staged['source']}: {exc}"
+        registry.record_event(
+            "validation_failed",
+            detail={"dag_run_id": dag_run_id, "source": staged["source"], "sha256": staged["sha256"], "message": message},
+        )
+        raise DataValidationError(message, exc.summary) from None
+    published = publish_snapshot(store, staged)
+    snapshot_id = registry.record_snapshot(
+        published["uri"],
+        published["sha256"],
+        published["rows"],
+        published["source"],
+        metadata={"text_col": text_col, "label_col": label_col, "labels": summary.get("labels")},
+        columns=published["columns"],
+    )
+    return {k: published[k] for k in ("key", "uri", "sha256", "rows")} | {"snapshot_id": snapshot_id}
