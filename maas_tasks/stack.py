@@ -1,0 +1,327 @@
+"""The local stack behind ``maas stack up|down|status``: PostgreSQL, the object store, the model server, Airflow.
+
+Everything runs on this machine under ``MAAS_HOME`` (default ``.maas/``): a private PostgreSQL cluster
+holding Airflow's metadata and the model registry, the ``file://`` store (or the S3 bucket named by
+``MAAS_STORE_URL``), the embedded TF-Serving-compatible model server, and optionally
+``airflow standalone``. Starting is idempotent (what runs is left running) and stopping is clean
+(SIGTERM to each background process group, then the cluster's fast shutdown).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from maas_tasks.config import Settings, project_root
+
+SERVER_NAME = "model-server"
+AIRFLOW_NAME = "airflow"
+_START_TIMEOUT = 120.0
+
+
+class StackError(RuntimeError):
+    """A stack component could not be started or stopped; the message says which and where its log is."""
+
+
+@dataclass(frozen=True)
+class ProcessStatus:
+    name: str
+    running: bool
+    pid: int | None
+    log: Path
+
+
+def _run_dir(settings: Settings) -> Path:
+    return settings.home / "run"
+
+
+def _log_dir(settings: Settings) -> Path:
+    return settings.home / "logs"
+
+
+def _pid_file(settings: Settings, name: str) -> Path:
+    return _run_dir(settings) / f"{name}.pid"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still answers kill(0); treat it as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def process_status(settings: Settings, name: str) -> ProcessStatus:
+    """Whether the background process ``name`` started by the stack is running."""
+    pid_file = _pid_file(settings, name)
+    pid = None
+    if pid_file.is_file():
+        try:
+            pid = int(pid_file.read_text().strip())
+        except ValueError:
+            pid = None
+    running = pid is not None and _pid_alive(pid)
+    return ProcessStatus(name, running, pid if running else None, _log_dir(settings) / f"{name}.log")
+
+
+def _start_process(settings: Settings, name: str, argv: list[str], env: dict[str, str]) -> ProcessStatus:
+    status = process_status(settings, name)
+    if status.running:
+        return status
+    _run_dir(settings).mkdir(parents=True, exist_ok=True)
+    _log_dir(settings).mkdir(parents=True, exist_ok=True)
+    with open(status.log, "ab") as log:
+        log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(argv)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(
+            argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, so stop reaches its children too
+            cwd=project_root(),
+        )
+    _pid_file(settings, name).write_text(str(proc.pid))
+    return ProcessStatus(name, True, proc.pid, status.log)
+
+
+def _stop_process(settings: Settings, name: str, timeout: float = 30.0) -> bool:
+    status = process_status(settings, name)
+    pid_file = _pid_file(settings, name)
+    if not status.running:
+        pid_file.unlink(missing_ok=True)
+        return False
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(status.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and _pid_alive(status.pid):
+            time.sleep(0.2)
+        if not _pid_alive(status.pid):
+            break
+    pid_file.unlink(missing_ok=True)
+    return True
+
+
+def _log_tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def _wait_for_ports(status: ProcessStatus, host: str, ports: list[int], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(_port_open(host, p) for p in ports):
+            return
+        if status.pid is not None and not _pid_alive(status.pid):
+            raise StackError(
+                f"{status.name} exited during start-up; last lines of {status.log}:\n{_log_tail(status.log)}"
+            )
+        time.sleep(0.5)
+    raise StackError(
+        f"{status.name} did not listen on {host}:{ports} within {timeout:.0f}s; "
+        f"see {status.log}:\n{_log_tail(status.log)}"
+    )
+
+
+def airflow_environment(settings: Settings, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment Airflow (CLI, ``dag.test()``, standalone) runs with on the local stack.
+
+    Values the caller already set (e.g. ``AIRFLOW__DATABASE__SQL_ALCHEMY_CONN`` of a deployment) win.
+    """
+    from maas_tasks.postgres import local_cluster
+
+    env = dict(os.environ if base is None else base)
+    root = project_root()
+    api = f"http://127.0.0.1:{settings.airflow_port}"
+    defaults = {
+        "AIRFLOW_HOME": str(settings.home / "airflow"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(root / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(root / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        # One training task saturates a core; more parallel workers than cores only thrash.
+        "AIRFLOW__CORE__PARALLELISM": str(max(2, os.cpu_count() or 2)),
+        "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": str(max(2, os.cpu_count() or 2)),
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(settings.airflow_port),
+        "AIRFLOW__API__BASE_URL": api,
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{api}/execution/",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
+        "MAAS_HOME": str(settings.home),
+    }
+    for key, value in defaults.items():
+        env.setdefault(key, value)
+    if "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN" not in env:
+        env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = local_cluster(settings).sqlalchemy_url("airflow")
+    return env
+
+
+def _venv_bin(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def migrate_airflow_db(settings: Settings, base_env: dict[str, str] | None = None) -> None:
+    """Create or upgrade Airflow's metadata schema (``airflow db migrate``; idempotent)."""
+    env = airflow_environment(settings, base_env)
+    Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
+    log = _log_dir(settings) / "airflow-db-migrate.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as fh:
+        result = subprocess.run([_venv_bin("airflow"), "db", "migrate"], env=env, stdout=fh, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise StackError(f"airflow db migrate failed (exit {result.returncode}); see {log}:\n{_log_tail(log)}")
+
+
+def ensure_serving_config(settings: Settings) -> None:
+    """Write an empty model config if there is none: TF Serving refuses to start without the file."""
+    from serving.model_config import read_model_config, write_model_config
+
+    settings.serving_dir.mkdir(parents=True, exist_ok=True)
+    if not settings.serving_config.exists():
+        from tensorflow_serving.config import model_server_config_pb2
+
+        config = model_server_config_pb2.ModelServerConfig()
+        config.model_config_list.SetInParent()
+        write_model_config(settings.serving_config, config)
+    else:
+        read_model_config(settings.serving_config)  # fail now, clearly, on a malformed file
+
+
+def start_model_server(settings: Settings, base_env: dict[str, str] | None = None) -> ProcessStatus:
+    """Start the embedded model server in the background (idempotent) and wait until it listens."""
+    ensure_serving_config(settings)
+    argv = [
+        sys.executable,
+        "-m",
+        "serving.server",
+        f"--host={settings.serving_host}",
+        f"--port={settings.grpc_port}",
+        f"--rest_api_port={settings.rest_port}",
+        f"--model_config_file={settings.serving_config}",
+    ]
+    status = process_status(settings, SERVER_NAME)
+    if not status.running:
+        for port in (settings.grpc_port, settings.rest_port):
+            if _port_open(settings.serving_host, port):
+                raise StackError(
+                    f"port {settings.serving_host}:{port} is already in use by another program; "
+                    "stop it or move the model server with MAAS_GRPC_PORT / MAAS_REST_PORT"
+                )
+    status = _start_process(settings, SERVER_NAME, argv, dict(os.environ if base_env is None else base_env))
+    _wait_for_ports(status, settings.serving_host, [settings.grpc_port, settings.rest_port], _START_TIMEOUT)
+    return status
+
+
+def stop_model_server(settings: Settings) -> bool:
+    """Stop the embedded model server; False when it was not running."""
+    return _stop_process(settings, SERVER_NAME)
+
+
+def start_airflow(settings: Settings) -> ProcessStatus:
+    """Start ``airflow standalone`` in the background (idempotent) and wait for its API server."""
+    env = airflow_environment(settings)
+    status = _start_process(settings, AIRFLOW_NAME, [_venv_bin("airflow"), "standalone"], env)
+    _wait_for_ports(status, "127.0.0.1", [settings.airflow_port], 300.0)
+    return status
+
+
+def airflow_login(settings: Settings) -> str:
+    """How to log in to the local Airflow UI (the simple auth manager generates the password)."""
+    env = airflow_environment(settings)
+    password_file = Path(env["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated"
+    deadline = time.monotonic() + 30
+    while not password_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    try:
+        password = json.loads(password_file.read_text()).get("admin", "?")
+    except (OSError, ValueError):
+        return f"open http://127.0.0.1:{settings.airflow_port} and log in as admin; password in {password_file}"
+    return f"open http://127.0.0.1:{settings.airflow_port} and log in as admin / {password} (from {password_file})"
+
+
+def stack_up(settings: Settings, *, with_airflow: bool = False, echo=print) -> None:
+    """Start the local stack; components already running are left as they are."""
+    from maas_tasks import postgres
+    from maas_tasks.registry import Registry
+    from maas_tasks.storage import open_store
+
+    cluster = postgres.local_cluster(settings)
+    postgres.init_cluster(cluster)
+    postgres.start_cluster(cluster)
+    for db in ("airflow", "maas"):
+        postgres.ensure_database(cluster, db)
+    Registry.connect(cluster.dsn("maas")).close()  # applies the registry's migrations
+    echo(f"postgres     running on 127.0.0.1:{settings.pg_port} (state in {cluster.root})")
+
+    store = open_store(settings=settings)
+    if hasattr(store, "ensure_bucket"):
+        store.ensure_bucket()
+    else:
+        store.root.mkdir(parents=True, exist_ok=True)
+    echo(f"store        {store.url}")
+
+    migrate_airflow_db(settings)
+    echo("airflow db   migrated")
+
+    server = start_model_server(settings)
+    echo(
+        f"model server pid {server.pid}: gRPC {settings.grpc_target}, REST {settings.rest_url} "
+        f"(config {settings.serving_config}, log {server.log})"
+    )
+    if with_airflow:
+        airflow = start_airflow(settings)
+        echo(f"airflow      pid {airflow.pid}, log {airflow.log}")
+        echo(f"airflow UI   {airflow_login(settings)}")
+
+
+def stack_down(settings: Settings, echo=print) -> None:
+    """Stop everything ``stack_up`` started; what is not running is skipped."""
+    from maas_tasks.postgres import local_cluster, stop_cluster
+
+    for name in (AIRFLOW_NAME, SERVER_NAME):
+        echo(f"{name:<12} {'stopped' if _stop_process(settings, name) else 'was not running'}")
+    echo(f"{'postgres':<12} {'stopped' if stop_cluster(local_cluster(settings)) else 'was not running'}")
+
+
+def stack_status(settings: Settings) -> dict[str, dict]:
+    """What runs now, component by component."""
+    from maas_tasks.postgres import local_cluster, read_status
+
+    pg = read_status(local_cluster(settings))
+    status: dict[str, dict] = {"postgres": {"running": pg.running, "pid": pg.pid, "port": settings.pg_port}}
+    for name in (SERVER_NAME, AIRFLOW_NAME):
+        proc = process_status(settings, name)
+        status[name] = {"running": proc.running, "pid": proc.pid, "log": str(proc.log)}
+    status[SERVER_NAME].update(grpc=settings.grpc_target, rest=settings.rest_url)
+    status[AIRFLOW_NAME].update(url=f"http://127.0.0.1:{settings.airflow_port}")
+    return status

@@ -1,0 +1,198 @@
+"""End to end: the training DAG through Airflow on the real components, then predictions over REST and gRPC.
+
+Real PostgreSQL (Airflow's metadata and the registry), the S3 API (moto's server, standing in for
+MinIO), the embedded model server as a background process, and ``maas run`` (Airflow's
+``dag.test()``) as a user runs it. Predictions go through the ``tensorflow-serving-api`` stubs and
+plain HTTP, not through MaaS's own clients, so the served contract is checked from the outside.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from maas_tasks.config import load_settings
+from tests.fixtures.postgres import find_free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+TEXTS = ["A wonderful, moving film with superb acting.", "Dull and boring, a total waste of time."]
+
+
+@pytest.fixture(scope="module")
+def e2e(pg_cluster, s3_endpoint, tmp_path_factory):
+    """Environment, settings and a running model server for the whole module; stopped at the end."""
+    from maas_tasks import postgres, stack
+    from maas_tasks.sample_data import generate_reviews
+    from maas_tasks.storage import open_store
+
+    root = tmp_path_factory.mktemp("e2e")
+    suffix = uuid.uuid4().hex[:8]
+    for db in (f"airflow_{suffix}", f"maas_{suffix}"):
+        postgres.ensure_database(pg_cluster, db)
+    env = {
+        **os.environ,
+        "MAAS_HOME": str(root / "maas"),
+        "MAAS_STORE_URL": f"s3://maas-e2e-{suffix}",
+        "MAAS_S3_ENDPOINT": s3_endpoint,
+        "MAAS_S3_ACCESS_KEY": "e2e-access",
+        "MAAS_S3_SECRET_KEY": "e2e-secret",
+        "MAAS_REGISTRY_DSN": pg_cluster.dsn(f"maas_{suffix}"),
+        "MAAS_GRPC_PORT": str(find_free_port()),
+        "MAAS_REST_PORT": str(find_free_port()),
+        "AIRFLOW_HOME": str(root / "airflow"),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": pg_cluster.sqlalchemy_url(f"airflow_{suffix}"),
+    }
+    settings = load_settings(env)
+    store = open_store(settings=settings)
+    store.ensure_bucket()
+    stack.migrate_airflow_db(settings, base_env=env)
+    server = stack.start_model_server(settings, base_env=env)
+
+    data = root / "reviews.csv"
+    generate_reviews(320, seed=7).to_csv(data, index=False)
+    try:
+        yield {"env": env, "settings": settings, "store": store, "data": data, "root": root, "server": server}
+    finally:
+        stack.stop_model_server(settings)
+
+
+def maas(e2e, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the ``maas`` CLI as a user would, in the e2e environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "maas_tasks.cli", *args],
+        env=e2e["env"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def registry(e2e):
+    from maas_tasks.registry import Registry
+
+    return Registry.connect(e2e["settings"].registry_dsn)
+
+
+def predict_grpc(e2e, texts: list[str]):
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "sentiment"
+    request.model_spec.signature_name = "serving_default"
+    request.inputs["text"].CopyFrom(tf.make_tensor_proto(texts, dtype=tf.string))
+    with grpc.insecure_channel(e2e["settings"].grpc_target) as channel:
+        response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30)
+    outputs = {name: tf.make_ndarray(proto) for name, proto in response.outputs.items()}
+    return response.model_spec.version.value, outputs
+
+
+def predict_rest(e2e, texts: list[str]) -> dict:
+    body = json.dumps({"signature_name": "serving_default", "instances": texts}).encode()
+    request = urllib.request.Request(
+        f"{e2e['settings'].rest_url}/v1/models/sentiment:predict",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_first_run_trains_registers_and_serves_version_1(e2e):
+    result = maas(e2e, "run", "--data", str(e2e["data"]), "--param", "epochs=4")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "sentiment v1 (serving)" in result.stdout
+    assert "promoted   yes" in result.stdout
+
+    with registry(e2e) as reg:
+        v1 = reg.get_version("sentiment", 1)
+        assert v1.status == "serving"
+        assert v1.metrics["accuracy"] >= 0.7
+        assert {"precision", "recall", "f1", "roc_auc"} <= set(v1.metrics)
+        assert v1.snapshot_id is not None and v1.dag_run_id.startswith("manual__")
+        assert v1.artifact_uri.startswith("s3://")
+
+    store = e2e["store"]
+    assert store.exists("models/sentiment/1/MANIFEST.json")
+    assert store.exists("models/sentiment/1.json")
+    assert store.list_keys("staging") == []
+    assert (e2e["settings"].serving_dir / "sentiment" / "1" / "saved_model.pb").is_file()
+
+    version, outputs = predict_grpc(e2e, TEXTS)
+    assert version == 1
+    assert outputs["scores"].shape == (2, 2) and outputs["scores"].dtype.kind == "f"
+    assert outputs["classes"].shape == (2, 2)
+    classes = [c.decode() for c in outputs["classes"][0]]
+    assert sorted(classes) == ["negative", "positive"]
+    labels = [label.decode() for label in outputs["label"]]
+    assert labels == ["positive", "negative"]
+
+    rest = predict_rest(e2e, TEXTS)
+    assert [p["label"] for p in rest["predictions"]] == labels
+    assert rest["predictions"][0]["scores"] == pytest.approx(outputs["scores"][0].tolist(), abs=1e-5)
+
+
+def test_second_run_serves_version_2_and_retires_version_1(e2e):
+    result = maas(e2e, "run", "--data", str(e2e["data"]), "--param", "epochs=3")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "sentiment v2 (serving)" in result.stdout
+    with registry(e2e) as reg:
+        assert reg.serving_version("sentiment") == 2
+        assert reg.get_version("sentiment", 1).status == "retired"
+    version, _ = predict_grpc(e2e, TEXTS[:1])
+    assert version == 2
+    predict = maas(e2e, "predict", "--grpc", TEXTS[0])
+    assert predict.returncode == 0, predict.stderr
+    assert "sentiment v2: positive" in predict.stdout
+    models = maas(e2e, "models", "--json")
+    assert [(m["version"], m["status"]) for m in json.loads(models.stdout)] == [(2, "serving"), (1, "retired")]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("review,label\nnice film,positive\nbad film,negative\n", "column 'text' is missing"),
+        ("", "0 rows"),
+    ],
+    ids=["no-text-column", "empty-file"],
+)
+def test_bad_input_stops_at_validation_and_leaves_nothing(e2e, tmp_path, content, message):
+    store = e2e["store"]
+    with registry(e2e) as reg:
+        before_versions = [(v.model_name, v.version) for v in reg.list_versions()]
+    before_keys = [k for k in store.list_keys() if k.startswith(("staging/", "snapshots/", "models/"))]
+    bad = tmp_path / "bad.csv"
+    bad.write_text(content)
+
+    result = maas(e2e, "run", "--data", str(bad))
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    assert "validate_data=failed" in output
+    assert message in output
+    assert "train_model=" in output and "train_model=success" not in output
+
+    with registry(e2e) as reg:
+        assert [(v.model_name, v.version) for v in reg.list_versions()] == before_versions
+    assert [k for k in store.list_keys() if k.startswith(("staging/", "snapshots/", "models/"))] == before_keys
+
+
+def test_a_model_below_the_gate_is_rejected_and_never_exported(e2e):
+    result = maas(e2e, "run", "--data", str(e2e["data"]), "--param", "epochs=1", "--param", "min_accuracy=1.0")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "(rejected)" in result.stdout and "promoted   no" in result.stdout
+    with registry(e2e) as reg:
+        rejected = [v for v in reg.list_versions("sentiment") if v.status == "rejected"]
+        assert len(rejected) == 1 and rejected[0].artifact_uri is None
+        assert reg.serving_version("sentiment") == 2
+    assert not e2e["store"].exists(f"models/sentiment/{rejected[0].version}/MANIFEST.json")
+    version, _ = predict_grpc(e2e, TEXTS[:1])
+    assert version == 2
