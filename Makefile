@@ -16,7 +16,7 @@ DEMO_TEXT_NEG ?= A dull, boring mess. The plot made no sense and I want my money
 
 demo: install postgres-server
 	$(BIN)/maas stack up
-	$(BIN)/maas run
+	$(BIN)/maas run --quiet
 	$(BIN)/maas predict "$(DEMO_TEXT_POS)" "$(DEMO_TEXT_NEG)"
 	$(BIN)/maas predict --grpc "$(DEMO_TEXT_POS)" "$(DEMO_TEXT_NEG)"
 

@@ -112,6 +112,7 @@ def run_pipeline(settings: Settings, dag, conf: dict[str, Any]) -> dict[str, Any
     from maas_tasks.registry import Registry
 
     dag_run = dag.test(run_conf=conf)
+    order = list(dag.task_ids)
     registry = Registry.connect(registry_dsn(settings))
     try:
         versions = [v for v in _as_dicts(registry.list_versions()) if v.get("dag_run_id") == dag_run.run_id]
@@ -123,7 +124,7 @@ def run_pipeline(settings: Settings, dag, conf: dict[str, Any]) -> dict[str, Any
     return {
         "run_id": dag_run.run_id,
         "state": str(dag_run.state),
-        "tasks": {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()},
+        "tasks": {ti.task_id: str(ti.state) for ti in sorted(dag_run.get_task_instances(), key=lambda ti: order.index(ti.task_id))},
         "version": versions[0] if versions else None,
         "events": events,
     }
@@ -145,6 +146,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         raise CliError(f"--data {args.data}: no such file")
     # Airflow reads its configuration when first imported: set it up before loading the DAG.
     os.environ.update(stack.airflow_environment(settings))
+    if args.quiet:
+        os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING")
     dag = _load_dag()
     conf = parse_params(args.param, dag.params.dump())
     conf["data_path"] = str(data)
@@ -152,6 +155,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         if value:
             conf[key] = value
     conf.setdefault("model_name", settings.model_name)
+    print(f"running {DAG_ID} on {data} ...", flush=True)
     summary = run_pipeline(settings, dag, conf)
 
     print()
@@ -198,7 +202,8 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     _require_stack(settings)
     registry = Registry.connect(registry_dsn(settings))
     try:
-        rows = _as_dicts(registry.list_versions(args.model))
+        # Newest first: the versions a user asks about are the recent ones.
+        rows = sorted(_as_dicts(registry.list_versions(args.model)), key=lambda r: (r["model_name"], -r["version"]))
     finally:
         registry.close()
     for row in rows:
@@ -226,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-col", help="text column (default: text)")
     p.add_argument("--label-col", help="label column (default: label)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="any DAG param, repeatable")
+    p.add_argument("--quiet", action="store_true", help="show only warnings and errors from Airflow's task logs")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("predict", help="classify texts with the served model")
@@ -246,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # TensorFlow's C++ start-up chatter buries the answers of `predict`; warnings and errors still show.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         settings = load_settings()
         return args.func(args, settings)

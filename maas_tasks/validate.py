@@ -242,7 +242,8 @@ def validate_staged_snapshot(
         )
     except DataValidationError as exc:
         discard_snapshot(store, staged)
-        message = f"{staged['source']}: {exc}"
+        # Name the user's file, not the internal staging key.
+        message = f"{staged['source']}: {str(exc).removeprefix(store.uri(staged['key']) + ': ')}"
         registry.record_event(
             "validation_failed",
             detail={"dag_run_id": dag_run_id, "source": staged["source"], "sha256": staged["sha256"], "message": message},

@@ -161,7 +161,7 @@ def test_second_run_serves_version_2_and_retires_version_1(e2e):
     "content, message",
     [
         ("review,label\nnice film,positive\nbad film,negative\n", "column 'text' is missing"),
-        ("", "0 rows"),
+        ("", "the file is empty"),
     ],
     ids=["no-text-column", "empty-file"],
 )
