@@ -135,7 +135,16 @@ def _port_open(host: str, port: int) -> bool:
         return False
 
 
-def _wait_for_ports(status: ProcessStatus, host: str, ports: list[int], timeout: float) -> None:
+def _wait_for_ports(settings: Settings, status: ProcessStatus, host: str, ports: list[int], timeout: float) -> None:
+    """Wait until the process listens; on failure stop it, so a retry starts afresh rather than adopting it."""
+    try:
+        _await_ports(status, host, ports, timeout)
+    except StackError:
+        _stop_process(settings, status.name)
+        raise
+
+
+def _await_ports(status: ProcessStatus, host: str, ports: list[int], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if all(_port_open(host, p) for p in ports):
@@ -180,6 +189,10 @@ def airflow_environment(settings: Settings, base: dict[str, str] | None = None) 
     }
     for key, value in defaults.items():
         env.setdefault(key, value)
+    # `airflow standalone` starts its components as `airflow ...` found on PATH: make it this venv's.
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir not in env.get("PATH", "").split(os.pathsep):
+        env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")]).rstrip(os.pathsep)
     if "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN" not in env:
         env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = local_cluster(settings).sqlalchemy_url("airflow")
     return env
@@ -238,7 +251,7 @@ def start_model_server(settings: Settings, base_env: dict[str, str] | None = Non
                     "stop it or move the model server with MAAS_GRPC_PORT / MAAS_REST_PORT"
                 )
     status = _start_process(settings, SERVER_NAME, argv, dict(os.environ if base_env is None else base_env))
-    _wait_for_ports(status, settings.serving_host, [settings.grpc_port, settings.rest_port], _START_TIMEOUT)
+    _wait_for_ports(settings, status, settings.serving_host, [settings.grpc_port, settings.rest_port], _START_TIMEOUT)
     return status
 
 
@@ -251,7 +264,7 @@ def start_airflow(settings: Settings) -> ProcessStatus:
     """Start ``airflow standalone`` in the background (idempotent) and wait for its API server."""
     env = airflow_environment(settings)
     status = _start_process(settings, AIRFLOW_NAME, [_venv_bin("airflow"), "standalone"], env)
-    _wait_for_ports(status, "127.0.0.1", [settings.airflow_port], 300.0)
+    _wait_for_ports(settings, status, "127.0.0.1", [settings.airflow_port], 300.0)
     return status
 
 
