@@ -30,15 +30,21 @@ from airflow.sdk import Param, dag, task
 DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(seconds=30), "owner": "maas"}
 
 
-def _context() -> tuple[Any, Any, Any]:
-    """Settings, store and registry for a task; imported lazily to keep DAG parsing cheap."""
+def _store() -> tuple[Any, Any]:
+    """Settings and object store for a task; imported lazily to keep DAG parsing cheap."""
     from maas_tasks.config import load_settings
-    from maas_tasks.postgres import registry_dsn
-    from maas_tasks.registry import Registry
     from maas_tasks.storage import open_store
 
     settings = load_settings()
-    return settings, open_store(settings=settings), Registry.connect(registry_dsn(settings))
+    return settings, open_store(settings=settings)
+
+
+def _registry(settings: Any) -> Any:
+    """A registry connection for a task, to use in a ``with`` block (closed at its end)."""
+    from maas_tasks.postgres import registry_dsn
+    from maas_tasks.registry import Registry
+
+    return Registry.connect(registry_dsn(settings))
 
 
 @dag(
@@ -79,7 +85,7 @@ def maas_training() -> None:
         from maas_tasks.ingest import ingest_data as stage_data
         from maas_tasks.sample_data import sample_data_path
 
-        _, store, _ = _context()
+        _, store = _store()
         return stage_data(store, params["data_path"] or sample_data_path())
 
     @task(retries=0)
@@ -90,16 +96,17 @@ def maas_training() -> None:
 
         from maas_tasks.validate import DataValidationError, validate_staged_snapshot
 
-        _, store, registry = _context()
+        settings, store = _store()
         try:
-            return validate_staged_snapshot(
-                store,
-                registry,
-                staged,
-                text_col=params["text_col"],
-                label_col=params["label_col"],
-                dag_run_id=run_id,
-            )
+            with _registry(settings) as registry:
+                return validate_staged_snapshot(
+                    store,
+                    registry,
+                    staged,
+                    text_col=params["text_col"],
+                    label_col=params["label_col"],
+                    dag_run_id=run_id,
+                )
         except DataValidationError as exc:
             # Bad data will not get better on retry: fail now, with the readable summary.
             raise AirflowFailException(str(exc)) from exc
@@ -108,7 +115,7 @@ def maas_training() -> None:
     def clean_data(snapshot: dict[str, Any], params: dict[str, Any] | None = None) -> dict[str, Any]:
         from maas_tasks.clean import clean_snapshot
 
-        _, store, _ = _context()
+        _, store = _store()
         return clean_snapshot(
             store,
             snapshot["key"],
@@ -121,7 +128,7 @@ def maas_training() -> None:
     def build_features(cleaned: dict[str, Any], params: dict[str, Any] | None = None) -> dict[str, Any]:
         from maas_tasks.features import build_features as fit_features
 
-        _, store, _ = _context()
+        _, store = _store()
         return fit_features(
             store, cleaned["key"], max_tokens=params["max_tokens"], eval_fraction=params["eval_fraction"]
         )
@@ -130,7 +137,7 @@ def maas_training() -> None:
     def train_model(features: dict[str, Any], params: dict[str, Any] | None = None) -> dict[str, Any]:
         from maas_tasks.train import train_model as fit_model
 
-        settings, store, _ = _context()
+        settings, store = _store()
         result = fit_model(
             store,
             features["key"],
@@ -150,17 +157,18 @@ def maas_training() -> None:
     ) -> dict[str, Any]:
         from maas_tasks.evaluate import evaluate_and_register
 
-        _, store, registry = _context()
-        return evaluate_and_register(
-            store,
-            registry,
-            trained["key"],
-            features["key"],
-            model_name=params["model_name"],
-            min_accuracy=params["min_accuracy"],
-            snapshot_id=snapshot["snapshot_id"],
-            dag_run_id=run_id,
-        )
+        settings, store = _store()
+        with _registry(settings) as registry:
+            return evaluate_and_register(
+                store,
+                registry,
+                trained["key"],
+                features["key"],
+                model_name=params["model_name"],
+                min_accuracy=params["min_accuracy"],
+                snapshot_id=snapshot["snapshot_id"],
+                dag_run_id=run_id,
+            )
 
     @task.short_circuit
     def gate_model(evaluation: dict[str, Any]) -> bool:
@@ -171,15 +179,19 @@ def maas_training() -> None:
     def export_model(evaluation: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
         from maas_tasks.export import export_registered_version
 
-        _, store, registry = _context()
-        return export_registered_version(store, registry, trained["key"], evaluation)
+        settings, store = _store()
+        with _registry(settings) as registry:
+            return export_registered_version(store, registry, trained["key"], evaluation)
 
     @task
     def promote_model(exported: dict[str, Any]) -> dict[str, Any]:
         from maas_tasks.promote import promote_registered_version
 
-        settings, store, registry = _context()
-        return promote_registered_version(settings, store, registry, exported["model_name"], exported["version"])
+        settings, store = _store()
+        with _registry(settings) as registry:
+            return promote_registered_version(
+                settings, store, registry, exported["model_name"], exported["version"]
+            )
 
     staged = ingest_data()
     snapshot = validate_data(staged)
