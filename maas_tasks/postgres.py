@@ -399,19 +399,24 @@ def read_status(cluster: PgCluster) -> PgStatus:
         pid, port = int(lines[0]), int(lines[3])
     except (FileNotFoundError, IndexError, ValueError):
         return PgStatus(initialized, False, None, None, data)
-    if not _pid_alive(pid):
+    if not pid_alive(pid):
         return PgStatus(initialized, False, None, None, data)
     return PgStatus(initialized, True, pid, port, data)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, exited but not yet reaped, counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def start_cluster(cluster: PgCluster, timeout: float = 60.0) -> PgStatus:

@@ -19,7 +19,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from maas_tasks import postgres
 from maas_tasks.config import Settings, project_root
+from maas_tasks.postgres import pid_alive
 
 SERVER_NAME = "model-server"
 AIRFLOW_NAME = "airflow"
@@ -50,21 +52,6 @@ def _pid_file(settings: Settings, name: str) -> Path:
     return _run_dir(settings) / f"{name}.pid"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child still answers kill(0); treat it as gone.
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 def process_status(settings: Settings, name: str) -> ProcessStatus:
     """Whether the background process ``name`` started by the stack is running."""
     pid_file = _pid_file(settings, name)
@@ -74,7 +61,7 @@ def process_status(settings: Settings, name: str) -> ProcessStatus:
             pid = int(pid_file.read_text().strip())
         except ValueError:
             pid = None
-    running = pid is not None and _pid_alive(pid)
+    running = pid is not None and pid_alive(pid)
     return ProcessStatus(name, running, pid if running else None, _log_dir(settings) / f"{name}.log")
 
 
@@ -112,9 +99,9 @@ def _stop_process(settings: Settings, name: str, timeout: float = 30.0) -> bool:
         except ProcessLookupError:
             break
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and _pid_alive(status.pid):
+        while time.monotonic() < deadline and pid_alive(status.pid):
             time.sleep(0.2)
-        if not _pid_alive(status.pid):
+        if not pid_alive(status.pid):
             break
     pid_file.unlink(missing_ok=True)
     return True
@@ -149,7 +136,7 @@ def _await_ports(status: ProcessStatus, host: str, ports: list[int], timeout: fl
     while time.monotonic() < deadline:
         if all(_port_open(host, p) for p in ports):
             return
-        if status.pid is not None and not _pid_alive(status.pid):
+        if status.pid is not None and not pid_alive(status.pid):
             raise StackError(
                 f"{status.name} exited during start-up; last lines of {status.log}:\n{_log_tail(status.log)}"
             )
@@ -165,8 +152,6 @@ def airflow_environment(settings: Settings, base: dict[str, str] | None = None) 
 
     Values the caller already set (e.g. ``AIRFLOW__DATABASE__SQL_ALCHEMY_CONN`` of a deployment) win.
     """
-    from maas_tasks.postgres import local_cluster
-
     env = dict(os.environ if base is None else base)
     root = project_root()
     api = f"http://127.0.0.1:{settings.airflow_port}"
@@ -194,7 +179,7 @@ def airflow_environment(settings: Settings, base: dict[str, str] | None = None) 
     if bin_dir not in env.get("PATH", "").split(os.pathsep):
         env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")]).rstrip(os.pathsep)
     if "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN" not in env:
-        env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = local_cluster(settings).sqlalchemy_url("airflow")
+        env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = postgres.local_cluster(settings).sqlalchemy_url("airflow")
     return env
 
 
@@ -284,7 +269,6 @@ def airflow_login(settings: Settings) -> str:
 
 def stack_up(settings: Settings, *, with_airflow: bool = False, echo=print) -> None:
     """Start the local stack; components already running are left as they are."""
-    from maas_tasks import postgres
     from maas_tasks.registry import Registry
     from maas_tasks.storage import open_store
 
@@ -319,18 +303,15 @@ def stack_up(settings: Settings, *, with_airflow: bool = False, echo=print) -> N
 
 def stack_down(settings: Settings, echo=print) -> None:
     """Stop everything ``stack_up`` started; what is not running is skipped."""
-    from maas_tasks.postgres import local_cluster, stop_cluster
-
     for name in (AIRFLOW_NAME, SERVER_NAME):
         echo(f"{name:<12} {'stopped' if _stop_process(settings, name) else 'was not running'}")
-    echo(f"{'postgres':<12} {'stopped' if stop_cluster(local_cluster(settings)) else 'was not running'}")
+    stopped = postgres.stop_cluster(postgres.local_cluster(settings))
+    echo(f"{'postgres':<12} {'stopped' if stopped else 'was not running'}")
 
 
 def stack_status(settings: Settings) -> dict[str, dict]:
     """What runs now, component by component."""
-    from maas_tasks.postgres import local_cluster, read_status
-
-    pg = read_status(local_cluster(settings))
+    pg = postgres.read_status(postgres.local_cluster(settings))
     status: dict[str, dict] = {"postgres": {"running": pg.running, "pid": pg.pid, "port": settings.pg_port}}
     for name in (SERVER_NAME, AIRFLOW_NAME):
         proc = process_status(settings, name)
