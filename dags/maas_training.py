@@ -63,20 +63,59 @@ def _registry(settings: Any) -> Any:
             title="Data file",
             description="CSV/TSV (optionally .gz) or Parquet file with labeled texts. Empty: the bundled sample.",
         ),
-        "text_col": Param("text", type="string", title="Text column", minLength=1),
-        "label_col": Param("label", type="string", title="Label column", minLength=1),
+        "text_col": Param(
+            "text", type="string", minLength=1, title="Text column", description="Column holding the raw text."
+        ),
+        "label_col": Param(
+            "label",
+            type="string",
+            minLength=1,
+            title="Label column",
+            description="Column holding the label; its values become the served class names.",
+        ),
         "group_col": Param(
             "",
             type="string",
             title="Group column",
             description="Optional column whose groups stay on one side of the train/eval split (e.g. movie_id).",
         ),
-        "model_name": Param("sentiment", type="string", title="Model name", pattern="^[A-Za-z0-9_.-]+$"),
-        "epochs": Param(5, type="integer", minimum=1, maximum=200, title="Training epochs"),
-        "batch_size": Param(64, type="integer", minimum=1, maximum=4096, title="Batch size"),
-        "max_tokens": Param(20000, type="integer", minimum=100, maximum=500000, title="Vocabulary size"),
-        "eval_fraction": Param(0.2, type="number", exclusiveMinimum=0, exclusiveMaximum=1, title="Held-out fraction"),
-        "min_accuracy": Param(0.7, type="number", minimum=0, maximum=1, title="Minimum eval accuracy to export"),
+        "model_name": Param(
+            "sentiment",
+            type="string",
+            pattern="^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+            title="Model name",
+            description="Name the model is registered and served under (TF Serving model name).",
+        ),
+        "epochs": Param(
+            5, type="integer", minimum=1, maximum=200, title="Epochs", description="Passes over the training split."
+        ),
+        "batch_size": Param(
+            64, type="integer", minimum=1, maximum=4096, title="Batch size", description="Texts per training step."
+        ),
+        "max_tokens": Param(
+            20000,
+            type="integer",
+            minimum=100,
+            maximum=500000,
+            title="Vocabulary size",
+            description="Most frequent unigrams and bigrams kept by the TF-IDF layer.",
+        ),
+        "eval_fraction": Param(
+            0.2,
+            type="number",
+            exclusiveMinimum=0,
+            exclusiveMaximum=1,
+            title="Held-out fraction",
+            description="Share of rows (whole groups when a group column is set) kept out of training for evaluation.",
+        ),
+        "min_accuracy": Param(
+            0.7,
+            type="number",
+            minimum=0,
+            maximum=1,
+            title="Minimum accuracy",
+            description="Gate: a model below this held-out accuracy is registered as rejected and never exported.",
+        ),
     },
 )
 def maas_training() -> None:

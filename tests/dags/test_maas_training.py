@@ -101,9 +101,9 @@ def test_params_are_typed_documented_and_defaulted(dag):
                 "max_tokens", "eval_fraction", "min_accuracy"}
     assert expected <= set(params.keys())
     for name in expected:
-        schema = params.get_param(name).schema
-        assert "type" in schema, name
-        assert schema.get("title") or schema.get("description"), name
+        param = params.get_param(name)
+        assert "type" in param.schema and param.schema.get("title"), name
+        assert param.description, name
     values = params.dump()
     assert values["model_name"] == "sentiment" and values["text_col"] == "text"
     assert 0 < values["min_accuracy"] < 1
