@@ -200,6 +200,11 @@ def evaluate_and_register(
     Returns:
         ``model_name``, ``version``, ``gate`` (:func:`decide_gate`'s dict) and the headline metrics.
     """
+    if dag_run_id is not None:
+        # A retried task finds the version its first attempt registered (one version per run).
+        for existing in registry.list_versions(model_name):
+            if existing.dag_run_id == dag_run_id:
+                return _registration(existing.model_name, existing.version, existing.metrics)
     metrics = evaluate_model(store, model_key, features_key)
     gate = decide_gate(metrics, min_accuracy=min_accuracy)
     recorded = {k: v for k, v in metrics.items() if k not in ("model_key", "features_key")}
@@ -210,5 +215,9 @@ def evaluate_and_register(
         snapshot_id=snapshot_id,
         dag_run_id=dag_run_id,
     )
+    return _registration(model_name, version, {**metrics, "gate": gate})
+
+
+def _registration(model_name: str, version: int, metrics: dict[str, Any]) -> dict[str, Any]:
     headline = {k: metrics[k] for k in ("accuracy", "precision", "recall", "f1", "roc_auc", "n_eval") if k in metrics}
-    return {"model_name": model_name, "version": version, "gate": gate, "metrics": headline}
+    return {"model_name": model_name, "version": version, "gate": metrics["gate"], "metrics": headline}

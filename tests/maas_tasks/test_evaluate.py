@@ -91,3 +91,28 @@ def test_evaluate_model_on_the_eval_split(trained_run):
     assert result["accuracy"] == pytest.approx(trained_run["trained"]["history"]["val_accuracy"][-1], abs=1e-6)
     assert 0.5 < result["roc_auc"] <= 1
     assert sum(map(sum, result["confusion_matrix"])) == features["eval_rows"]
+
+
+def test_evaluate_and_register_gates_and_is_idempotent_per_run(trained_run, pg_dsn):
+    from maas_tasks.evaluate import evaluate_and_register
+    from maas_tasks.registry import Registry
+
+    store, model_key, features_key = trained_run["store"], trained_run["trained"]["key"], trained_run["features"]["key"]
+    with Registry.connect(pg_dsn) as registry:
+        first = evaluate_and_register(
+            store, registry, model_key, features_key, model_name="m", min_accuracy=0.5, snapshot_id=None, dag_run_id="r1"
+        )
+        retried = evaluate_and_register(
+            store, registry, model_key, features_key, model_name="m", min_accuracy=0.5, snapshot_id=None, dag_run_id="r1"
+        )
+        rejected = evaluate_and_register(
+            store, registry, model_key, features_key, model_name="m", min_accuracy=1.0, snapshot_id=None,
+            dag_run_id="r2",
+        )
+        assert first == retried  # a retried task does not allocate another version
+        assert (first["version"], first["gate"]["passed"]) == (1, True)
+        assert rejected["version"] == 2
+        statuses = [(v.version, v.status, v.dag_run_id) for v in registry.list_versions("m")]
+        expected_second = "rejected" if rejected["metrics"]["accuracy"] < 1.0 else "candidate"
+        assert statuses == [(1, "candidate", "r1"), (2, expected_second, "r2")]
+        assert registry.get_version("m", 1).metrics["gate"]["passed"] is True
