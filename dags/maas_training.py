@@ -120,14 +120,14 @@ def _registry(settings: Any) -> Any:
 )
 def maas_training() -> None:
     @task
-    def ingest_data(params: dict[str, Any] | None = None) -> dict[str, Any]:
+    def ingest_data(params: dict[str, Any] | None = None, run_id: str | None = None) -> dict[str, Any]:
         from maas_tasks.ingest import ingest_data as stage_data
         from maas_tasks.sample_data import sample_data_path
 
         _, store = _store()
-        return stage_data(store, params["data_path"] or sample_data_path())
+        return stage_data(store, params["data_path"] or sample_data_path(), run_id=run_id)
 
-    @task(retries=0)
+    @task
     def validate_data(
         staged: dict[str, Any], params: dict[str, Any] | None = None, run_id: str | None = None
     ) -> dict[str, Any]:
@@ -144,6 +144,7 @@ def maas_training() -> None:
                     staged,
                     text_col=params["text_col"],
                     label_col=params["label_col"],
+                    group_col=params["group_col"] or None,
                     dag_run_id=run_id,
                 )
         except DataValidationError as exc:

@@ -9,8 +9,10 @@ snapshot behind. Every column is read as text: the snapshot is the raw data, typ
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +62,11 @@ def read_source(path: Path):
         raise IngestError(f"{path}: cannot parse as {suffix[1:]}: {exc}; check the file's format and encoding") from None
 
 
-def ingest_data(store: Store, source: str | Path) -> dict[str, Any]:
-    """Stage a snapshot of ``source`` in the store.
+def ingest_data(store: Store, source: str | Path, *, run_id: str | None = None) -> dict[str, Any]:
+    """Stage a snapshot of ``source`` in the store, under a key private to the run.
+
+    Each run stages under its own key (``staging/<sha>/<run>/``), so two runs ingesting the same
+    file never discard each other's staged copy; a retry of the same run rewrites the same key.
 
     Returns:
         A small reference: ``key`` (the staged Parquet), ``sha256`` of the source, ``rows``,
@@ -70,7 +75,8 @@ def ingest_data(store: Store, source: str | Path) -> dict[str, Any]:
     path = Path(source).expanduser()
     frame = read_source(path)
     digest = sha256_file(path)
-    key = f"staging/{digest}/{SNAPSHOT_FILE}"
+    run_token = hashlib.sha256(run_id.encode()).hexdigest()[:16] if run_id else uuid.uuid4().hex[:16]
+    key = f"staging/{digest}/{run_token}/{SNAPSHOT_FILE}"
     with tempfile.TemporaryDirectory(prefix="maas-ingest-") as tmp:
         local = Path(tmp) / SNAPSHOT_FILE
         frame.to_parquet(local, index=False)
@@ -84,14 +90,24 @@ def ingest_data(store: Store, source: str | Path) -> dict[str, Any]:
     }
 
 
+def snapshot_key(sha256: str) -> str:
+    """Where the published snapshot of content ``sha256`` lives."""
+    return f"snapshots/{sha256}/{SNAPSHOT_FILE}"
+
+
+def is_published(store: Store, sha256: str) -> bool:
+    """Whether the snapshot of ``sha256`` is published (its ``source.json``, written last, exists)."""
+    return store.exists(f"snapshots/{sha256}/{SOURCE_FILE}")
+
+
 def publish_snapshot(store: Store, staged: dict[str, Any]) -> dict[str, Any]:
     """Move a validated staged snapshot to ``snapshots/<sha>/`` (idempotent) and describe it.
 
     The source description is written last, so a snapshot directory with ``source.json`` is complete.
     """
     prefix = f"snapshots/{staged['sha256']}"
-    key = f"{prefix}/{SNAPSHOT_FILE}"
-    if not store.exists(f"{prefix}/{SOURCE_FILE}"):
+    key = snapshot_key(staged["sha256"])
+    if not is_published(store, staged["sha256"]):
         store.put_bytes(key, store.get_bytes(staged["key"]))
         info = {k: staged[k] for k in ("sha256", "rows", "columns", "source")}
         store.put_bytes(f"{prefix}/{SOURCE_FILE}", json.dumps(info, indent=2).encode())
@@ -100,5 +116,5 @@ def publish_snapshot(store: Store, staged: dict[str, Any]) -> dict[str, Any]:
 
 
 def discard_snapshot(store: Store, staged: dict[str, Any]) -> None:
-    """Remove a staged snapshot (after it was published, or rejected by validation)."""
+    """Remove a staged snapshot (after it was published, or rejected by validation); idempotent."""
     store.delete(staged["key"])

@@ -220,6 +220,7 @@ def validate_staged_snapshot(
     *,
     text_col: str,
     label_col: str,
+    group_col: str | None = None,
     allowed_labels: list[str] | None = None,
     dag_run_id: str | None = None,
 ) -> dict[str, Any]:
@@ -227,23 +228,39 @@ def validate_staged_snapshot(
 
     Good data is published under ``snapshots/`` and recorded in the registry; bad data is deleted
     from the store (nothing is left behind) and the failure is logged in the registry's event log.
+    Safe to retry: a retry after the staged copy was published validates the published one.
 
     Returns:
         The published snapshot's reference: ``key``, ``uri``, ``sha256``, ``rows``, ``snapshot_id``.
 
     Raises:
         DataValidationError: the data failed a check; the message says which and how to fix it.
+        ObjectNotFound: the staged copy is gone and was never published (re-run from ingest).
     """
-    from maas_tasks.ingest import discard_snapshot, publish_snapshot
+    from maas_tasks.ingest import discard_snapshot, is_published, publish_snapshot, snapshot_key
+    from maas_tasks.storage import ObjectNotFound
 
-    try:
-        summary = validate_snapshot(
-            store, staged["key"], text_col=text_col, label_col=label_col, allowed_labels=allowed_labels
+    if store.exists(staged["key"]):
+        key = staged["key"]
+    elif is_published(store, staged["sha256"]):
+        key = snapshot_key(staged["sha256"])
+    else:
+        raise ObjectNotFound(
+            f"the staged snapshot of {staged['source']} ({store.uri(staged['key'])}) is gone and was never "
+            "published; run the DAG again from ingest_data"
         )
+    try:
+        if group_col and group_col not in staged["columns"]:
+            raise DataValidationError(
+                f"data validation failed (1 problem(s)):\n- group column {group_col!r} is missing; the file has "
+                f"columns: {', '.join(staged['columns'])}; pass another group_col or leave it empty",
+                {"success": False, "missing_columns": [group_col]},
+            )
+        summary = validate_snapshot(store, key, text_col=text_col, label_col=label_col, allowed_labels=allowed_labels)
     except DataValidationError as exc:
         discard_snapshot(store, staged)
-        # Name the user's file, not the internal staging key.
-        message = f"{staged['source']}: {str(exc).removeprefix(store.uri(staged['key']) + ': ')}"
+        # Name the user's file, not the internal storage key.
+        message = f"{staged['source']}: {str(exc).removeprefix(store.uri(key) + ': ')}"
         registry.record_event(
             "validation_failed",
             detail={"dag_run_id": dag_run_id, "source": staged["source"], "sha256": staged["sha256"], "message": message},

@@ -66,11 +66,13 @@ def test_unreadable_sources_fail_clearly(tmp_path, name, content, message):
 def test_ingest_stages_a_content_keyed_snapshot(store, tmp_path):
     path = tmp_path / "d.csv"
     path.write_text(CSV)
-    staged = ingest_data(store, path)
-    assert staged["key"] == f"staging/{staged['sha256']}/data.parquet"
+    staged = ingest_data(store, path, run_id="run-1")
+    assert staged["key"].startswith(f"staging/{staged['sha256']}/") and staged["key"].endswith("/data.parquet")
     assert (staged["rows"], staged["columns"], staged["source"]) == (3, ["id", "text", "label"], "d.csv")
-    assert ingest_data(store, path) == staged  # idempotent
-    assert store.list_keys() == [staged["key"]]
+    assert ingest_data(store, path, run_id="run-1") == staged  # a retry rewrites the same key
+    other = ingest_data(store, path, run_id="run-2")  # another run stages its own copy
+    assert other["key"] != staged["key"] and other["sha256"] == staged["sha256"]
+    assert store.list_keys() == sorted([staged["key"], other["key"]])
 
 
 def test_publish_moves_the_snapshot_and_is_idempotent(store, tmp_path):

@@ -96,3 +96,64 @@ def test_validate_snapshot_reads_parquet_and_names_the_object(file_store):
     bad = put_parquet(file_store, "snapshots/s2/data.parquet", _frame(["a", "b"], ["x", "x"]))
     with pytest.raises(DataValidationError, match="snapshots/s2/data.parquet"):
         validate_snapshot(file_store, bad, text_col="text", label_col="label")
+
+
+class TestValidateStagedSnapshot:
+    """Publishing or discarding a staged snapshot, with the registry's record of both."""
+
+    @pytest.fixture
+    def registry(self, pg_dsn):
+        from maas_tasks.registry import Registry
+
+        with Registry.connect(pg_dsn) as reg:
+            yield reg
+
+    @staticmethod
+    def stage(store, tmp_path, content: str, run_id: str):
+        from maas_tasks.ingest import ingest_data
+
+        path = tmp_path / "reviews.csv"
+        path.write_text(content)
+        return ingest_data(store, path, run_id=run_id)
+
+    GOOD = "text,label,movie\nloved it,pos,a\nhated it,neg,b\nfine film,pos,c\n"
+
+    def test_good_data_is_published_and_recorded(self, file_store, registry, tmp_path):
+        from maas_tasks.validate import validate_staged_snapshot
+
+        staged = self.stage(file_store, tmp_path, self.GOOD, "r1")
+        ref = validate_staged_snapshot(file_store, registry, staged, text_col="text", label_col="label")
+        assert ref["key"] == f"snapshots/{staged['sha256']}/data.parquet" and ref["rows"] == 3
+        assert registry.get_snapshot(ref["snapshot_id"]).sha256 == staged["sha256"]
+        assert file_store.list_keys("staging") == []
+        # A retry after publishing (the staged copy is gone) validates the published copy: same answer.
+        assert validate_staged_snapshot(file_store, registry, staged, text_col="text", label_col="label") == ref
+
+    def test_two_runs_on_the_same_file_do_not_clobber_each_other(self, file_store, registry, tmp_path):
+        from maas_tasks.validate import validate_staged_snapshot
+
+        first = self.stage(file_store, tmp_path, self.GOOD, "r1")
+        second = self.stage(file_store, tmp_path, self.GOOD, "r2")
+        a = validate_staged_snapshot(file_store, registry, first, text_col="text", label_col="label")
+        b = validate_staged_snapshot(file_store, registry, second, text_col="text", label_col="label")
+        assert a == b and file_store.list_keys("staging") == []
+
+    @pytest.mark.parametrize(
+        "content, kwargs, message",
+        [
+            ("review,label\nnice,pos\nbad,neg\n", {}, "column 'text' is missing"),
+            (GOOD, {"group_col": "film_id"}, "group column 'film_id' is missing; the file has columns: text, label, movie"),
+        ],
+    )
+    def test_bad_data_is_discarded_and_logged(self, file_store, registry, tmp_path, content, kwargs, message):
+        from maas_tasks.validate import DataValidationError, validate_staged_snapshot
+
+        staged = self.stage(file_store, tmp_path, content, "r1")
+        with pytest.raises(DataValidationError, match=message) as failure:
+            validate_staged_snapshot(
+                file_store, registry, staged, text_col="text", label_col="label", dag_run_id="r1", **kwargs
+            )
+        assert str(failure.value).startswith("reviews.csv: ")
+        assert file_store.list_keys() == []
+        events = registry.list_events(kind="validation_failed")
+        assert len(events) == 1 and events[0].detail["dag_run_id"] == "r1" and message in events[0].detail["message"]
