@@ -80,11 +80,11 @@ def _registry(settings: Any) -> Any:
             description="Optional column whose groups stay on one side of the train/eval split (e.g. movie_id).",
         ),
         "model_name": Param(
-            "sentiment",
+            "",
             type="string",
-            pattern="^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+            pattern="^([A-Za-z0-9][A-Za-z0-9_.-]{0,63})?$",
             title="Model name",
-            description="Name the model is registered and served under (TF Serving model name).",
+            description="Name the model is registered and served under. Empty: MAAS_MODEL_NAME (default sentiment).",
         ),
         "epochs": Param(
             5, type="integer", minimum=1, maximum=200, title="Epochs", description="Passes over the training split."
@@ -204,7 +204,7 @@ def maas_training() -> None:
                 registry,
                 trained["key"],
                 features["key"],
-                model_name=params["model_name"],
+                model_name=params["model_name"] or settings.model_name,
                 min_accuracy=params["min_accuracy"],
                 snapshot_id=snapshot["snapshot_id"],
                 dag_run_id=run_id,

@@ -99,11 +99,15 @@ def _load_dag():
     return bag.dags[DAG_ID]
 
 
-def _require_stack(settings: Settings) -> None:
+def _require_stack(settings: Settings, *, serving: bool = False) -> None:
+    """Fail fast, before minutes of training, when the local stack a command needs is down."""
     from maas_tasks.postgres import local_cluster, read_status
+    from maas_tasks.stack import SERVER_NAME, process_status
 
     if settings.registry_dsn is None and not read_status(local_cluster(settings)).running:
         raise CliError("the local stack is not running: start it with `maas stack up`")
+    if serving and settings.registry_dsn is None and not process_status(settings, SERVER_NAME).running:
+        raise CliError("the model server of the local stack is not running: start it with `maas stack up`")
 
 
 def run_pipeline(settings: Settings, dag, conf: dict[str, Any]) -> dict[str, Any]:
@@ -140,7 +144,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from maas_tasks import stack
     from maas_tasks.sample_data import sample_data_path
 
-    _require_stack(settings)
+    _require_stack(settings, serving=True)
     data = Path(args.data).expanduser().resolve() if args.data else sample_data_path()
     if not data.is_file():
         raise CliError(f"--data {args.data}: no such file")
@@ -165,7 +169,9 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     if version:
         metrics = version.get("metrics") or {}
         shown = ", ".join(
-            f"{k} {metrics[k]:.4f}" for k in ("accuracy", "precision", "recall", "f1", "roc_auc") if k in metrics
+            f"{k} {metrics[k]:.4f}" if isinstance(metrics.get(k), (int, float)) else f"{k} n/a"
+            for k in ("accuracy", "precision", "recall", "f1", "roc_auc")
+            if k in metrics
         )
         print(f"version    {version['model_name']} v{version['version']} ({version['status']})")
         print(f"metrics    {shown}")

@@ -52,14 +52,30 @@ def _pid_file(settings: Settings, name: str) -> Path:
     return _run_dir(settings) / f"{name}.pid"
 
 
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), or None if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[-1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 def process_status(settings: Settings, name: str) -> ProcessStatus:
-    """Whether the background process ``name`` started by the stack is running."""
+    """Whether the background process ``name`` started by the stack is running.
+
+    The pid file holds the pid and its start time: after a reboot the pid may belong to another
+    program, which must be neither adopted nor signalled.
+    """
     pid_file = _pid_file(settings, name)
     pid = None
     if pid_file.is_file():
         try:
-            pid = int(pid_file.read_text().strip())
+            raw_pid, _, started = pid_file.read_text().strip().partition(" ")
+            pid = int(raw_pid)
         except ValueError:
+            pid = None
+        if pid is not None and started and _start_time(pid) not in (started, None):
             pid = None
     running = pid is not None and pid_alive(pid)
     return ProcessStatus(name, running, pid if running else None, _log_dir(settings) / f"{name}.log")
@@ -83,7 +99,7 @@ def _start_process(settings: Settings, name: str, argv: list[str], env: dict[str
             start_new_session=True,  # its own process group, so stop reaches its children too
             cwd=project_root(),
         )
-    _pid_file(settings, name).write_text(str(proc.pid))
+    _pid_file(settings, name).write_text(f"{proc.pid} {_start_time(proc.pid) or ''}".strip())
     return ProcessStatus(name, True, proc.pid, status.log)
 
 

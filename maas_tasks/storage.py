@@ -187,22 +187,26 @@ class S3Store:
         from minio.error import S3Error
         from urllib3.exceptions import HTTPError
 
+        where = self.uri(key) if key.strip("/") else self.url
+
         try:
             return fn(*args, **kwargs)
         except S3Error as exc:
             if exc.code in ("NoSuchKey", "NoSuchObject"):
-                raise ObjectNotFound(f"{self.uri(key)} does not exist") from None
+                raise ObjectNotFound(f"{where} does not exist") from None
             if exc.code == "NoSuchBucket":
                 raise StoreError(
                     f"bucket {self.bucket!r} does not exist at {self.endpoint}: create it "
                     "(mc mb, or `maas stack up`, which creates it)"
                 ) from None
-            raise StoreError(f"{what} {self.uri(key)} failed at {self.endpoint}: {exc.code}: {exc.message}") from None
+            raise StoreError(f"{what} {where} failed at {self.endpoint}: {exc.code}: {exc.message}") from None
         except ValueError as exc:  # the SDK's checks of bucket and object names
-            raise StoreError(f"{what} {self.uri(key)}: {exc}; S3 bucket names are 3-63 lowercase letters, digits, '-' or '.'") from None
+            raise StoreError(
+                f"{what} {where}: {exc}; S3 bucket names are 3-63 lowercase letters, digits, '-' or '.'"
+            ) from None
         except (HTTPError, OSError) as exc:
             raise StoreError(
-                f"{what} {self.uri(key)} failed: cannot reach {self.endpoint} ({exc}); "
+                f"{what} {where} failed: cannot reach {self.endpoint} ({exc}); "
                 "check MAAS_S3_ENDPOINT and that the server is up"
             ) from None
 
@@ -240,7 +244,7 @@ class S3Store:
     def list_keys(self, prefix: str = "") -> list[str]:
         prefix = _check_prefix(prefix)
         objects = self._call(
-            "listing", prefix or ".", lambda: list(
+            "listing", prefix, lambda: list(
                 self._client.list_objects(self.bucket, prefix=self.prefix + prefix, recursive=True)
             )
         )
@@ -283,6 +287,7 @@ def open_store(url: str | None = None, settings: Settings | None = None) -> File
 
 
 def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks (artifacts can be large)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(_CHUNK), b""):

@@ -57,7 +57,7 @@ class ServerUnreachable(ServingClientError):
         RuntimeError.__init__(
             self,
             f"cannot reach the model server at {address}: {reason}. Is it running "
-            "(`python -m serving.server --model_base_path DIR` or TF Serving) and listening on that address?",
+            "(`maas stack up` starts the local one; or TF Serving) and listening on that address?",
         )
         self.code = "UNAVAILABLE"
         self.message = reason

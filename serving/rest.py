@@ -275,6 +275,8 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as exc:  # a bug must still answer in TF Serving's error shape
             log.exception("REST %s %s failed", self.command, path)
             status, payload = 500, {"error": f"internal error: {type(exc).__name__}: {exc}"}
+        if length < 0:
+            self.close_connection = True  # the body was not read: the next request would start mid-body
         data = json.dumps(payload).encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", "application/json")

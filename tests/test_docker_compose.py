@@ -65,7 +65,7 @@ SAMPLE_ENV = {
     "AIRFLOW_ADMIN_PASSWORD": "admin-pw",
 }
 # Compose-level settings that shape the stack but are not passed to load_settings.
-COMPOSE_ONLY_MAAS_VARIABLES = {"MAAS_BIND", "MAAS_SERVING_BIND", "MAAS_S3_BUCKET"}
+COMPOSE_ONLY_MAAS_VARIABLES = {"MAAS_BIND", "MAAS_SERVING_BIND", "MAAS_S3_BUCKET", "MAAS_DATA_DIR"}
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|_KEY|TOKEN")
 
 _REFERENCE = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")

@@ -103,7 +103,7 @@ def test_params_are_typed_documented_and_defaulted(dag):
         assert "type" in param.schema and param.schema.get("title"), name
         assert param.description, name
     values = params.dump()
-    assert values["model_name"] == "sentiment" and values["text_col"] == "text"
+    assert values["model_name"] == "" and values["text_col"] == "text"  # empty: MAAS_MODEL_NAME
     assert 0 < values["min_accuracy"] < 1
 
 

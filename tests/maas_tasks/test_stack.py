@@ -68,6 +68,7 @@ def test_airflow_environment_defaults_and_overrides(settings):
 @pytest.mark.integration
 def test_stack_up_is_idempotent_status_reports_and_down_stops_everything(settings):
     lines: list[str] = []
+    pids = (None, None)
     try:
         stack.stack_up(settings, echo=lines.append)
         status = stack.stack_status(settings)
@@ -84,7 +85,20 @@ def test_stack_up_is_idempotent_status_reports_and_down_stops_everything(setting
         stack.stack_down(settings, echo=lines.append)
     status = stack.stack_status(settings)
     assert not any(component["running"] for component in status.values())
-    assert not stack.pid_alive(pids[0]) and not stack.pid_alive(pids[1])
+    assert None not in pids and not stack.pid_alive(pids[0]) and not stack.pid_alive(pids[1])
     down_again: list[str] = []
     stack.stack_down(settings, echo=down_again.append)
     assert all("was not running" in line for line in down_again)
+
+
+def test_a_stale_pid_file_naming_another_process_is_not_adopted(settings):
+    # After a reboot the recorded pid can belong to an unrelated program: never adopt or signal it.
+    import os
+
+    pid_file = settings.home / "run" / "model-server.pid"
+    pid_file.parent.mkdir(parents=True)
+    pid_file.write_text(f"{os.getpid()} 1")  # our own live pid, but with another start time
+    status = stack.process_status(settings, "model-server")
+    assert not status.running and status.pid is None
+    assert stack._stop_process(settings, "model-server") is False
+    assert stack.pid_alive(os.getpid())

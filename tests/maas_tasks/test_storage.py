@@ -145,8 +145,10 @@ def test_s3_missing_bucket_and_unreachable_endpoint(s3_endpoint, tmp_path):
     with pytest.raises(StoreError, match="does not exist.*create it"):
         open_store(settings=load_settings(env)).put_bytes("k", b"v")
     env["MAAS_S3_ENDPOINT"] = "http://127.0.0.1:9"  # discard port: nothing listens
-    with pytest.raises(StoreError, match="cannot reach"):
-        open_store(settings=load_settings(env)).get_bytes("k")
+    unreachable = open_store(settings=load_settings(env))
+    for call in (lambda: unreachable.get_bytes("k"), unreachable.ensure_bucket, unreachable.list_keys):
+        with pytest.raises(StoreError, match="cannot reach http://127.0.0.1:9"):
+            call()
 
 
 def test_s3_prefix_scopes_the_store(s3_env):
