@@ -14,10 +14,13 @@ is restored and reloaded. Marking the version as serving in the registry is the 
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from maas_tasks.storage import MANIFEST_NAME, Store, download_tree, read_manifest, sha256_file
@@ -155,6 +158,36 @@ def promote_version(
     version = int(version)
     config_path = Path(config_path)
     deadline = time.monotonic() + timeout
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    with _config_lock(config_path):
+        return _promote_locked(
+            store, store_prefix, model_name, version, Path(serving_dir), config_path, grpc_target, timeout, deadline
+        )
+
+
+@contextmanager
+def _config_lock(config_path: Path) -> Iterator[None]:
+    """Serialise promotions that share a config file: each reads, edits and rewrites the whole file,
+    so two at once would lose one's entry. The lock is advisory (flock) and held until reload is done."""
+    with open(config_path.with_name(config_path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _promote_locked(
+    store: Store,
+    store_prefix: str,
+    model_name: str,
+    version: int,
+    serving_dir: Path,
+    config_path: Path,
+    grpc_target: str,
+    timeout: float,
+    deadline: float,
+) -> dict:
     old_text = config_path.read_text(encoding="utf-8") if config_path.exists() else None
     old_config = parse_model_config(old_text, str(config_path)) if old_text is not None else ModelServerConfig()
     existed = (Path(serving_dir).resolve() / model_name / str(version)).exists()

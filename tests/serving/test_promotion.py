@@ -101,3 +101,19 @@ def test_failed_promotion_restores_the_previous_config(store, serving):
     assert config_path.read_text() == before
     assert not (serving_dir / "sentiment" / "3").exists()
     assert predict_grpc(["good"], model="sentiment", target=server.grpc_target)[0]["version"] == 1
+
+
+def test_concurrent_promotions_of_two_models_keep_both_entries(store, serving, saved_models):
+    from concurrent.futures import ThreadPoolExecutor
+
+    serving_dir, config_path, server = serving
+    upload_tree(store, saved_models[2], "models/spam/1")
+    jobs = [("sentiment", "models/sentiment/1"), ("spam", "models/spam/1")]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda job: promote_version(
+            store, job[1], model_name=job[0], version=1, serving_dir=serving_dir, config_path=config_path,
+            grpc_target=server.grpc_target, timeout=60,
+        ), jobs))
+    assert [r["model"] for r in results] == ["sentiment", "spam"]
+    config = read_model_config(config_path)
+    assert {c.name for c in config.model_config_list.config} == {"other", "sentiment", "spam"}
