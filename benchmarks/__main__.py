@@ -1,0 +1,110 @@
+"""``python -m benchmarks``: run the pipeline and serving benchmarks, print a report, optionally save JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from maas_tasks.config import project_root
+
+DATA_ENV = "MAAS_BENCH_DATA"
+DEFAULT_DATA = Path("..") / "shared" / "data" / "imdb" / "imdb_train.csv.gz"
+
+
+def default_data_path() -> Path:
+    """``$MAAS_BENCH_DATA``, or the IMDB train file beside the project (relative paths: to the project root)."""
+    path = Path(os.environ.get(DATA_ENV) or DEFAULT_DATA).expanduser()
+    return path if path.is_absolute() else project_root() / path
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Time every pipeline stage, measure the model's accuracy and calibration, and time "
+        "REST and gRPC predictions, on a labeled review file (no Airflow or PostgreSQL needed).",
+    )
+    parser.add_argument(
+        "--data", type=Path, help=f"CSV/TSV/Parquet file with text, label and movie_id columns (default: ${DATA_ENV} "
+        f"or {DEFAULT_DATA} relative to the project root)",
+    )
+    parser.add_argument("--out", type=Path, help="also write the result as JSON to this file")
+    parser.add_argument("--group-col", default="movie_id", help="column kept whole across the split ('' for none)")
+    parser.add_argument("--epochs", type=int, default=5, help="training epochs (default: the DAG's, %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=64, help="training batch size (default %(default)s)")
+    parser.add_argument("--max-tokens", type=int, default=20000, help="vocabulary size (default %(default)s)")
+    parser.add_argument("--single-requests", type=int, default=300, help="one-text predict requests per API")
+    parser.add_argument("--batch-requests", type=int, default=50, help="batch predict requests per API")
+    parser.add_argument("--request-batch-size", type=int, default=64, help="texts per batch request")
+    return parser
+
+
+def run_benchmark(args: argparse.Namespace, data_path: Path) -> dict[str, Any]:
+    """Run both benchmarks on ``data_path`` in a throwaway file store; returns the JSON-ready result."""
+    from benchmarks.pipeline import MODEL_NAME, run_pipeline
+    from benchmarks.serving import measure_serving
+    from maas_tasks.storage import FileStore
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="maas-bench-") as tmp:
+        store = FileStore(Path(tmp) / "store")
+        pipeline = run_pipeline(
+            store,
+            data_path,
+            group_col=args.group_col or None,
+            max_tokens=args.max_tokens,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+        )
+        serving = measure_serving(
+            store,
+            pipeline.pop("export_prefix"),
+            pipeline.pop("eval_texts"),
+            model_name=MODEL_NAME,
+            single_requests=args.single_requests,
+            batch_requests=args.batch_requests,
+            batch_size=args.request_batch_size,
+        )
+    return {
+        "data": str(data_path),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("data", "out")},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "seconds": time.perf_counter() - started,
+        "pipeline": pipeline,
+        "serving": serving,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmarks; returns the exit status (2 when the data file is missing)."""
+    from benchmarks.report import format_report
+
+    args = build_arg_parser().parse_args(argv)
+    data_path = (args.data or default_data_path()).expanduser().resolve()
+    if not data_path.is_file():
+        print(
+            f"benchmark data file {data_path} does not exist. Provide a labeled review file with columns "
+            "text, label and movie_id, e.g. the IMDB train split (25,000 reviews) as imdb_train.csv.gz: "
+            f"set {DATA_ENV}=/path/to/imdb_train.csv.gz or pass --data FILE.",
+            file=sys.stderr,
+        )
+        return 2
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    result = run_benchmark(args, data_path)
+    print(format_report(result))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nresult written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
