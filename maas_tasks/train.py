@@ -179,8 +179,12 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.exp((low + high) / 2))
 
 
-def _featurize(features: list[Any], texts: list[str], batch_size: int = 1024) -> Any:
-    """All ``texts`` through the feature layers once, as one sparse matrix (most of a row is zeros)."""
+def _featurize(features: list[Any], texts: list[str], batch_size: int = 256) -> Any:
+    """All ``texts`` through the feature layers once, as one sparse matrix (most of a row is zeros).
+
+    Each batch is dense (texts x vocabulary, once per layer) until it is converted, so batches stay small:
+    on IMDB, 1024 texts a batch cost ~0.5 GB more peak memory than 256, and were no faster.
+    """
     import tensorflow as tf
 
     def to_sparse(batch: tf.Tensor) -> tf.SparseTensor:
