@@ -23,7 +23,7 @@ demo: install postgres-server
 test: install-dev postgres-server
 	$(BIN)/python -m pytest -ra
 
-bench: install postgres-server
+bench: install
 	$(BIN)/python -m benchmarks
 
 install: $(RUNTIME_STAMP)

@@ -244,6 +244,8 @@ def status_json(manager: ModelManager, name: str, version: int | None, label: st
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "MaaSModelServer"
+    # Headers and body go out in separate writes; with Nagle on, delayed ACKs stall the body ~40 ms.
+    disable_nagle_algorithm = True
     server: _RestServer
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
