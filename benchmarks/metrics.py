@@ -1,5 +1,5 @@
-"""Numbers the benchmark reports beyond :func:`maas_tasks.evaluate.compute_metrics`: calibration of the
-scores (users read a score as a probability) and latency percentiles."""
+"""Numbers the benchmark reports beyond :func:`maas_tasks.evaluate.compute_metrics`: a fuller picture of
+calibration (users read a score as a probability) and latency percentiles."""
 
 from __future__ import annotations
 
@@ -8,37 +8,7 @@ from typing import Any
 
 import numpy as np
 
-
-def _true_class_probabilities(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels, dtype=np.int64)
-    if scores.ndim != 2 or len(scores) != len(labels) or len(labels) == 0:
-        raise ValueError(f"need n x K scores and n labels with n > 0, got {scores.shape} and {labels.shape}")
-    return scores[np.arange(len(labels)), labels]
-
-
-def log_loss(scores: np.ndarray, labels: np.ndarray, *, eps: float = 1e-15) -> float:
-    """Mean negative log probability of the true class (``scores`` n x K, ``labels`` class indices).
-
-    Probabilities are clipped at ``eps`` so one saturated wrong answer gives a large, finite loss.
-    """
-    return float(-np.log(np.clip(_true_class_probabilities(scores, labels), eps, 1.0)).mean())
-
-
-def expected_calibration_error(scores: np.ndarray, labels: np.ndarray, *, bins: int = 10) -> float:
-    """ECE: the row-weighted mean gap between confidence (max probability) and accuracy over equal-width
-    confidence bins (Guo et al. 2017)."""
-    _true_class_probabilities(scores, labels)  # shape check
-    scores = np.asarray(scores, dtype=np.float64)
-    confidence = scores.max(axis=1)
-    correct = scores.argmax(axis=1) == np.asarray(labels)
-    index = np.minimum((confidence * bins).astype(int), bins - 1)
-    gap = 0.0
-    for b in range(bins):
-        members = index == b
-        if members.any():
-            gap += members.sum() * abs(confidence[members].mean() - correct[members].mean())
-    return float(gap / len(confidence))
+from maas_tasks.evaluate import expected_calibration_error, log_loss
 
 
 def calibration_summary(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:

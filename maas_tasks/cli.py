@@ -170,7 +170,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         metrics = version.get("metrics") or {}
         shown = ", ".join(
             f"{k} {metrics[k]:.4f}" if isinstance(metrics.get(k), (int, float)) else f"{k} n/a"
-            for k in ("accuracy", "precision", "recall", "f1", "roc_auc")
+            for k in ("accuracy", "precision", "recall", "f1", "roc_auc", "log_loss", "ece")
             if k in metrics
         )
         print(f"version    {version['model_name']} v{version['version']} ({version['status']})")

@@ -68,6 +68,38 @@ def _ratio(num: float, den: float) -> float:
     return float(num / den) if den else 0.0
 
 
+def _true_class_probabilities(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if scores.ndim != 2 or len(scores) != len(labels) or len(labels) == 0:
+        raise ValueError(f"need n x K scores and n labels with n > 0, got {scores.shape} and {labels.shape}")
+    return scores[np.arange(len(labels)), labels]
+
+
+def log_loss(scores: np.ndarray, labels: np.ndarray, *, eps: float = 1e-15) -> float:
+    """Mean negative log probability of the true class (``scores`` n x K, ``labels`` class indices).
+
+    Probabilities are clipped at ``eps`` so one saturated wrong answer gives a large, finite loss.
+    """
+    return float(-np.log(np.clip(_true_class_probabilities(scores, labels), eps, 1.0)).mean())
+
+
+def expected_calibration_error(scores: np.ndarray, labels: np.ndarray, *, bins: int = 10) -> float:
+    """ECE: the row-weighted mean gap between confidence (max probability) and accuracy over equal-width
+    confidence bins (Guo et al. 2017)."""
+    _true_class_probabilities(scores, labels)  # shape check
+    scores = np.asarray(scores, dtype=np.float64)
+    confidence = scores.max(axis=1)
+    correct = scores.argmax(axis=1) == np.asarray(labels)
+    index = np.minimum((confidence * bins).astype(int), bins - 1)
+    gap = 0.0
+    for b in range(bins):
+        members = index == b
+        if members.any():
+            gap += members.sum() * abs(confidence[members].mean() - correct[members].mean())
+    return float(gap / len(confidence))
+
+
 def compute_metrics(y_true: Sequence[Any], scores: Any, classes: Sequence[str]) -> dict[str, Any]:
     """Classification metrics of ``scores`` (n x K probabilities, columns in ``classes`` order).
 
@@ -76,7 +108,7 @@ def compute_metrics(y_true: Sequence[Any], scores: Any, classes: Sequence[str]) 
 
     Returns:
         ``accuracy``, ``precision``, ``recall``, ``f1``, ``roc_auc`` (None when undefined, e.g. one
-        class only), ``n_eval``, ``confusion_matrix`` (rows true, columns predicted, ``classes``
+        class only), ``log_loss`` and ``ece`` (calibration: users read scores as probabilities), ``n_eval``, ``confusion_matrix`` (rows true, columns predicted, ``classes``
         order), ``classes`` and ``average`` (``binary`` or ``macro``).
 
     Raises:
@@ -113,6 +145,8 @@ def compute_metrics(y_true: Sequence[Any], scores: Any, classes: Sequence[str]) 
         "recall": pick(recall),
         "f1": pick(f1),
         "roc_auc": roc_auc,
+        "log_loss": log_loss(scores, truth),
+        "ece": expected_calibration_error(scores, truth),
         "n_eval": int(len(truth)),
         "confusion_matrix": confusion.tolist(),
         "classes": classes,

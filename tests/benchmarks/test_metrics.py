@@ -5,16 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks.metrics import calibration_summary, expected_calibration_error, latency_summary, log_loss
-
-
-def test_log_loss_is_the_mean_negative_log_probability_of_the_truth():
-    scores = np.array([[0.8, 0.2], [0.4, 0.6], [1.0, 0.0]])
-    assert log_loss(scores, [0, 1, 0]) == pytest.approx(-(np.log(0.8) + np.log(0.6) + np.log(1.0)) / 3)
-    # A saturated wrong answer costs a lot, but stays finite.
-    assert log_loss(scores, [0, 1, 1]) == pytest.approx((-np.log(0.8) - np.log(0.6) - np.log(1e-15)) / 3)
-    with pytest.raises(ValueError, match="n x K scores"):
-        log_loss(scores, [0, 1])
+from benchmarks.metrics import calibration_summary, expected_calibration_error, latency_summary
 
 
 def test_ece_is_zero_when_confidence_matches_accuracy_and_large_when_saturated():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from maas_tasks.evaluate import binary_auc, compute_metrics, decide_gate, evaluate_model
+from maas_tasks.evaluate import binary_auc, compute_metrics, decide_gate, evaluate_model, log_loss
 
 
 def _binary_scores(p_positive: list[float]) -> np.ndarray:
@@ -116,3 +116,19 @@ def test_evaluate_and_register_gates_and_is_idempotent_per_run(trained_run, pg_d
         expected_second = "rejected" if rejected["metrics"]["accuracy"] < 1.0 else "candidate"
         assert statuses == [(1, "candidate", "r1"), (2, expected_second, "r2")]
         assert registry.get_version("m", 1).metrics["gate"]["passed"] is True
+
+
+def test_log_loss_is_the_mean_negative_log_probability_of_the_truth():
+    scores = np.array([[0.8, 0.2], [0.4, 0.6], [1.0, 0.0]])
+    assert log_loss(scores, [0, 1, 0]) == pytest.approx(-(np.log(0.8) + np.log(0.6) + np.log(1.0)) / 3)
+    # A saturated wrong answer costs a lot, but stays finite.
+    assert log_loss(scores, [0, 1, 1]) == pytest.approx((-np.log(0.8) - np.log(0.6) - np.log(1e-15)) / 3)
+    with pytest.raises(ValueError, match="n x K scores"):
+        log_loss(scores, [0, 1])
+
+
+def test_compute_metrics_reports_calibration():
+    metrics = compute_metrics(["a", "b", "a", "b"], [[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.7, 0.3]], ["a", "b"])
+    assert metrics["log_loss"] == pytest.approx(-(np.log(0.9) + np.log(0.8) + np.log(0.6) + np.log(0.3)) / 4)
+    assert 0 <= metrics["ece"] <= 1
+
