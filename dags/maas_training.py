@@ -22,6 +22,8 @@ retrains on the defaults. Every task passes only small references (store keys, v
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -37,6 +39,18 @@ def _store() -> tuple[Any, Any]:
 
     settings = load_settings()
     return settings, open_store(settings=settings)
+
+
+@contextmanager
+def _fail_fast_on_bad_input() -> Iterator[None]:
+    """Bad data or parameters (a stage's ValueError) will not improve on retry: fail the task at once,
+    with the stage's message, instead of retrying it."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    try:
+        yield
+    except ValueError as exc:
+        raise AirflowFailException(str(exc)) from exc
 
 
 def _registry(settings: Any) -> Any:
@@ -125,66 +139,64 @@ def maas_training() -> None:
         from maas_tasks.sample_data import sample_data_path
 
         _, store = _store()
-        return stage_data(store, params["data_path"] or sample_data_path(), run_id=run_id)
+        with _fail_fast_on_bad_input():
+            return stage_data(store, params["data_path"] or sample_data_path(), run_id=run_id)
 
     @task
     def validate_data(
         staged: dict[str, Any], params: dict[str, Any] | None = None, run_id: str | None = None
     ) -> dict[str, Any]:
-        from airflow.sdk.exceptions import AirflowFailException
-
-        from maas_tasks.validate import DataValidationError, validate_staged_snapshot
+        from maas_tasks.validate import validate_staged_snapshot
 
         settings, store = _store()
-        try:
-            with _registry(settings) as registry:
-                return validate_staged_snapshot(
-                    store,
-                    registry,
-                    staged,
-                    text_col=params["text_col"],
-                    label_col=params["label_col"],
-                    group_col=params["group_col"] or None,
-                    dag_run_id=run_id,
-                )
-        except DataValidationError as exc:
-            # Bad data will not get better on retry: fail now, with the readable summary.
-            raise AirflowFailException(str(exc)) from exc
+        with _fail_fast_on_bad_input(), _registry(settings) as registry:
+            return validate_staged_snapshot(
+                store,
+                registry,
+                staged,
+                text_col=params["text_col"],
+                label_col=params["label_col"],
+                group_col=params["group_col"] or None,
+                dag_run_id=run_id,
+            )
 
     @task
     def clean_data(snapshot: dict[str, Any], params: dict[str, Any] | None = None) -> dict[str, Any]:
         from maas_tasks.clean import clean_snapshot
 
         _, store = _store()
-        return clean_snapshot(
-            store,
-            snapshot["key"],
-            text_col=params["text_col"],
-            label_col=params["label_col"],
-            group_col=params["group_col"] or None,
-        )
+        with _fail_fast_on_bad_input():
+            return clean_snapshot(
+                store,
+                snapshot["key"],
+                text_col=params["text_col"],
+                label_col=params["label_col"],
+                group_col=params["group_col"] or None,
+            )
 
     @task
     def build_features(cleaned: dict[str, Any], params: dict[str, Any] | None = None) -> dict[str, Any]:
         from maas_tasks.features import build_features as fit_features
 
         _, store = _store()
-        return fit_features(
-            store, cleaned["key"], max_tokens=params["max_tokens"], eval_fraction=params["eval_fraction"]
-        )
+        with _fail_fast_on_bad_input():
+            return fit_features(
+                store, cleaned["key"], max_tokens=params["max_tokens"], eval_fraction=params["eval_fraction"]
+            )
 
     @task
     def train_model(features: dict[str, Any], params: dict[str, Any] | None = None) -> dict[str, Any]:
         from maas_tasks.train import train_model as fit_model
 
         settings, store = _store()
-        result = fit_model(
-            store,
-            features["key"],
-            epochs=params["epochs"],
-            batch_size=params["batch_size"],
-            device=settings.device,
-        )
+        with _fail_fast_on_bad_input():
+            result = fit_model(
+                store,
+                features["key"],
+                epochs=params["epochs"],
+                batch_size=params["batch_size"],
+                device=settings.device,
+            )
         return {k: result[k] for k in ("key", "device", "train_seconds")}
 
     @task
@@ -198,7 +210,7 @@ def maas_training() -> None:
         from maas_tasks.evaluate import evaluate_and_register
 
         settings, store = _store()
-        with _registry(settings) as registry:
+        with _fail_fast_on_bad_input(), _registry(settings) as registry:
             return evaluate_and_register(
                 store,
                 registry,

@@ -114,3 +114,19 @@ def test_bad_param_values_are_rejected(dag):
     with pytest.raises(Exception, match="epochs|minimum"):
         params["epochs"] = 0
         params.validate()
+
+
+def test_bad_input_fails_a_task_at_once_and_other_errors_are_retried():
+    import importlib.util
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    spec = importlib.util.spec_from_file_location("maas_training_under_test", DAG_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(AirflowFailException, match="column 'text' is missing"):
+        with module._fail_fast_on_bad_input():
+            raise ValueError("column 'text' is missing")
+    with pytest.raises(ConnectionError):  # a passing fault keeps Airflow's retries
+        with module._fail_fast_on_bad_input():
+            raise ConnectionError("registry unreachable")
