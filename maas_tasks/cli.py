@@ -12,12 +12,14 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
 from maas_tasks.config import ConfigError, Settings, load_settings, project_root
 
 DAG_ID = "maas_training"
+FAILURE_EVENTS = ("validation_failed", "promotion_failed")
 
 
 class CliError(RuntimeError):
@@ -117,27 +119,22 @@ def run_pipeline(settings: Settings, dag, conf: dict[str, Any]) -> dict[str, Any
 
     dag_run = dag.test(run_conf=conf)
     order = list(dag.task_ids)
-    registry = Registry.connect(registry_dsn(settings))
-    try:
-        versions = [v for v in _as_dicts(registry.list_versions()) if v.get("dag_run_id") == dag_run.run_id]
-        events = [
-            e for e in _as_dicts(registry.list_events()) if (e.get("detail") or {}).get("dag_run_id") == dag_run.run_id
+    with Registry.connect(registry_dsn(settings)) as registry:
+        versions = [asdict(v) for v in registry.list_versions() if v.dag_run_id == dag_run.run_id]
+        failures = [
+            asdict(e)
+            for kind in FAILURE_EVENTS
+            for e in registry.list_events(kind=kind)
+            if (e.detail or {}).get("dag_run_id") == dag_run.run_id
         ]
-    finally:
-        registry.close()
+    instances = sorted(dag_run.get_task_instances(), key=lambda ti: order.index(ti.task_id))
     return {
         "run_id": dag_run.run_id,
         "state": str(dag_run.state),
-        "tasks": {ti.task_id: str(ti.state) for ti in sorted(dag_run.get_task_instances(), key=lambda ti: order.index(ti.task_id))},
+        "tasks": {ti.task_id: str(ti.state) for ti in instances},
         "version": versions[0] if versions else None,
-        "events": events,
+        "failures": failures,
     }
-
-
-def _as_dicts(items) -> list[dict[str, Any]]:
-    from dataclasses import asdict, is_dataclass
-
-    return [asdict(i) if is_dataclass(i) else dict(i) for i in items]
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
@@ -178,9 +175,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         gate = metrics.get("gate") or {}
         print(f"gate       {'passed' if version['status'] != 'rejected' else 'rejected'}: {gate.get('reason', '')}")
         print(f"promoted   {'yes' if version['status'] == 'serving' else 'no'}")
-    for event in summary["events"]:
-        if event.get("kind", "").endswith("failed"):
-            print(f"error      {event['kind']}: {(event.get('detail') or {}).get('message', '')}")
+    for event in summary["failures"]:
+        print(f"error      {event['kind']}: {(event['detail'] or {}).get('message', '')}")
     return 0 if "success" in summary["state"] else 1
 
 
@@ -206,12 +202,10 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     from maas_tasks.registry import Registry
 
     _require_stack(settings)
-    registry = Registry.connect(registry_dsn(settings))
-    try:
-        # Newest first: the versions a user asks about are the recent ones.
-        rows = sorted(_as_dicts(registry.list_versions(args.model)), key=lambda r: (r["model_name"], -r["version"]))
-    finally:
-        registry.close()
+    with Registry.connect(registry_dsn(settings)) as registry:
+        versions = registry.list_versions(args.model)
+    # Newest first: the versions a user asks about are the recent ones.
+    rows = [asdict(v) for v in sorted(versions, key=lambda v: (v.model_name, -v.version))]
     for row in rows:
         metrics = row.get("metrics") or {}
         for key in ("accuracy", "f1", "roc_auc"):
