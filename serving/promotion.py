@@ -160,9 +160,29 @@ def promote_version(
     deadline = time.monotonic() + timeout
     config_path.parent.mkdir(parents=True, exist_ok=True)
     with _config_lock(config_path):
-        return _promote_locked(
-            store, store_prefix, model_name, version, Path(serving_dir), config_path, grpc_target, timeout, deadline
-        )
+        old_text = config_path.read_text(encoding="utf-8") if config_path.exists() else None
+        old_config = parse_model_config(old_text, str(config_path)) if old_text is not None else ModelServerConfig()
+        existed = (Path(serving_dir).resolve() / model_name / str(version)).exists()
+        path = install_version(store, store_prefix, serving_dir, model_name, version)
+        old_entry = get_model_entry(old_config, model_name)
+        previous = max(old_entry.model_version_policy.specific.versions, default=None) if old_entry else None
+        new_config = set_model_entry(old_config, model_name, path.parent, [version])
+        write_model_config(config_path, new_config)
+        try:
+            reload_config_grpc(grpc_target, new_config, timeout=max(1.0, deadline - time.monotonic()))
+            _wait_available(model_name, version, grpc_target, deadline)
+        except (PromotionError, ServingClientError) as exc:
+            _restore(config_path, old_text, old_config, grpc_target, timeout)
+            if not existed:
+                shutil.rmtree(path, ignore_errors=True)
+            if isinstance(exc, PromotionError):
+                raise PromotionError(f"{exc}; restored the previous model config {config_path}") from None
+            raise PromotionError(
+                f"the model server at {grpc_target} rejected the config serving version {version} of {model_name}: "
+                f"{exc.code}: {exc.message}; restored the previous model config {config_path}"
+            ) from None
+        log.info("Model %s now serves version %d from %s (previously %s)", model_name, version, path, previous)
+        return {"model": model_name, "version": version, "path": str(path), "previous_version": previous}
 
 
 @contextmanager
@@ -175,42 +195,6 @@ def _config_lock(config_path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _promote_locked(
-    store: Store,
-    store_prefix: str,
-    model_name: str,
-    version: int,
-    serving_dir: Path,
-    config_path: Path,
-    grpc_target: str,
-    timeout: float,
-    deadline: float,
-) -> dict:
-    old_text = config_path.read_text(encoding="utf-8") if config_path.exists() else None
-    old_config = parse_model_config(old_text, str(config_path)) if old_text is not None else ModelServerConfig()
-    existed = (Path(serving_dir).resolve() / model_name / str(version)).exists()
-    path = install_version(store, store_prefix, serving_dir, model_name, version)
-    old_entry = get_model_entry(old_config, model_name)
-    previous = max(old_entry.model_version_policy.specific.versions, default=None) if old_entry else None
-    new_config = set_model_entry(old_config, model_name, path.parent, [version])
-    write_model_config(config_path, new_config)
-    try:
-        reload_config_grpc(grpc_target, new_config, timeout=max(1.0, deadline - time.monotonic()))
-        _wait_available(model_name, version, grpc_target, deadline)
-    except (PromotionError, ServingClientError) as exc:
-        _restore(config_path, old_text, old_config, grpc_target, timeout)
-        if not existed:
-            shutil.rmtree(path, ignore_errors=True)
-        if isinstance(exc, PromotionError):
-            raise PromotionError(f"{exc}; restored the previous model config {config_path}") from None
-        raise PromotionError(
-            f"the model server at {grpc_target} rejected the config serving version {version} of {model_name}: "
-            f"{exc.code}: {exc.message}; restored the previous model config {config_path}"
-        ) from None
-    log.info("Model %s now serves version %d from %s (previously %s)", model_name, version, path, previous)
-    return {"model": model_name, "version": version, "path": str(path), "previous_version": previous}
 
 
 def _restore(config_path: Path, old_text: str | None, old_config, grpc_target: str, timeout: float) -> None:
