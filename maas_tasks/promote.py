@@ -14,6 +14,7 @@ from typing import Any
 from maas_tasks.config import Settings
 from maas_tasks.export import version_prefix
 from maas_tasks.storage import Store
+from maas_tasks.tf_runtime import import_tensorflow
 
 PROMOTION_TIMEOUT_SECONDS = 300.0
 
@@ -39,6 +40,7 @@ def promote_registered_version(
         PromotionError: the version is not promotable (rejected, retired, not exported) or the
             server did not make it AVAILABLE; the previous version keeps serving.
     """
+    import_tensorflow()  # serving.promotion reads TF Serving's config protos, which import TensorFlow
     from serving.promotion import promote_version
 
     record = registry.get_version(model_name, version)

@@ -15,6 +15,7 @@ import urllib.request
 from typing import Any
 from urllib.parse import quote
 
+from maas_tasks.tf_runtime import import_tensorflow
 from serving.model_config import ModelServerConfig
 
 DEFAULT_TIMEOUT = 10.0
@@ -209,7 +210,8 @@ def predict_grpc(
         ServingClientError: the server rejected the request. ServerUnreachable: no server there.
     """
     import grpc
-    import tensorflow as tf
+
+    tf = import_tensorflow()
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
     texts = list(texts)
@@ -242,6 +244,8 @@ def get_model_status_grpc(
     """
     import grpc
     from google.protobuf import json_format
+
+    import_tensorflow()  # the tensorflow_serving protos import TensorFlow
     from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 
     request = get_model_status_pb2.GetModelStatusRequest()
@@ -265,6 +269,8 @@ def reload_config_grpc(target: str, config: ModelServerConfig, timeout: float = 
         ServerUnreachable: no server there.
     """
     import grpc
+
+    import_tensorflow()  # the tensorflow_serving protos import TensorFlow
     from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc
 
     request = model_management_pb2.ReloadConfigRequest()
