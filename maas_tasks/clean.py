@@ -11,6 +11,7 @@ import hashlib
 import html
 import io
 import json
+import logging
 import math
 import re
 from typing import Any
@@ -18,6 +19,8 @@ from typing import Any
 import pandas as pd
 
 from maas_tasks.storage import Store
+
+log = logging.getLogger(__name__)
 
 _TAG = re.compile(r"<[^>]{0,200}>")
 _SPACE = re.compile(r"\s+")
@@ -100,4 +103,8 @@ def clean_snapshot(
     buffer = io.BytesIO()
     cleaned.to_parquet(buffer, index=False)
     store.put_bytes(key, buffer.getvalue())
+    log.info(
+        "cleaned %d rows (HTML stripped, whitespace normalised); dropped %d without text or label",
+        len(cleaned), len(df) - len(cleaned),
+    )
     return {"key": key, "rows": len(cleaned), "dropped": len(df) - len(cleaned)}

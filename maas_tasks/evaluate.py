@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +21,16 @@ import numpy as np
 import pandas as pd
 
 from maas_tasks.storage import Store
+from maas_tasks.tf_runtime import import_tensorflow
 from maas_tasks.train import model_file_key
+
+log = logging.getLogger(__name__)
+
+# Metric keys and the names people read in logs and on the command line.
+METRIC_LABELS = (
+    ("accuracy", "accuracy"), ("precision", "precision"), ("recall", "recall"), ("f1", "F1"),
+    ("roc_auc", "ROC AUC"), ("log_loss", "log loss"), ("ece", "ECE"),
+)
 
 
 def _class_indices(y_true: Sequence[Any], classes: Sequence[str]) -> np.ndarray:
@@ -154,8 +164,30 @@ def compute_metrics(y_true: Sequence[Any], scores: Any, classes: Sequence[str]) 
     }
 
 
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """The headline metrics on one line, e.g. ``accuracy 0.9000, precision 0.9512, ..., ECE 0.0802``."""
+    shown = []
+    for key, label in METRIC_LABELS:
+        if key in metrics:
+            value = metrics[key]
+            shown.append(f"{label} {value:.4f}" if isinstance(value, (int, float)) else f"{label} n/a")
+    return ", ".join(shown)
+
+
+def format_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> list[str]:
+    """A confusion matrix as aligned text lines: a header of predicted classes, then one row per true class."""
+    names = [str(c) for c in classes]
+    width = max(len("true \\ predicted"), *(len(n) for n in names))
+    cell = max(6, *(len(n) for n in names), *(len(str(v)) for row in matrix for v in row))
+    lines = ["true \\ predicted".ljust(width) + "".join(f"  {n:>{cell}}" for n in names)]
+    for name, row in zip(names, matrix):
+        lines.append(name.ljust(width) + "".join(f"  {v:>{cell}}" for v in row))
+    return lines
+
+
 def load_model(store: Store, model_key: str) -> Any:
     """Load a trained ``.keras`` model from the store (``model_key``: the file or its prefix)."""
+    import_tensorflow()
     import keras
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -166,7 +198,7 @@ def load_model(store: Store, model_key: str) -> Any:
 
 def predict_scores(model: Any, texts: Sequence[str], *, batch_size: int = 256) -> np.ndarray:
     """Class probabilities (n x K) of an end-to-end model for raw ``texts``."""
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     # Keras 3 refuses numpy string arrays in predict(); a tf.data pipeline of strings is accepted.
     dataset = tf.data.Dataset.from_tensor_slices(tf.constant(list(texts), dtype=tf.string)).batch(batch_size)
@@ -238,9 +270,18 @@ def evaluate_and_register(
         # A retried task finds the version its first attempt registered (one version per run).
         for existing in registry.list_versions(model_name):
             if existing.dag_run_id == dag_run_id:
+                log.info(
+                    "an earlier attempt of this run registered %s v%d (%s): %s", model_name, existing.version,
+                    existing.status, format_metrics(existing.metrics),
+                )
                 return _registration(existing.model_name, existing.version, existing.metrics)
     metrics = evaluate_model(store, model_key, features_key)
     gate = decide_gate(metrics, min_accuracy=min_accuracy)
+    log.info("held-out metrics on %d rows: %s", metrics["n_eval"], format_metrics(metrics))
+    log.info("confusion matrix (rows: true class, columns: predicted class):")
+    for line in format_confusion_matrix(metrics["confusion_matrix"], metrics["classes"]):
+        log.info("  %s", line)
+    log.info("gate %s: %s", "passed" if gate["passed"] else "REJECTED", gate["reason"])
     recorded = {k: v for k, v in metrics.items() if k not in ("model_key", "features_key")}
     version = registry.register_version(
         model_name,
@@ -248,6 +289,10 @@ def evaluate_and_register(
         metrics={**recorded, "gate": gate, "min_accuracy": min_accuracy},
         snapshot_id=snapshot_id,
         dag_run_id=dag_run_id,
+    )
+    log.info(
+        "registered %s v%d as %s%s", model_name, version, "candidate" if gate["passed"] else "rejected",
+        "" if gate["passed"] else ": it will not be exported, and the serving version stays",
     )
     return _registration(model_name, version, {**metrics, "gate": gate})
 

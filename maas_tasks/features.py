@@ -12,11 +12,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 from typing import Any
 
 import pandas as pd
 
 from maas_tasks.storage import Store
+from maas_tasks.tf_runtime import import_tensorflow
+
+log = logging.getLogger(__name__)
 
 OOV_TOKEN = "[UNK]"
 
@@ -82,9 +86,10 @@ def fit_vectorizer(texts: list[str], *, max_tokens: int = 20000, ngrams: int = 2
     Raises:
         ValueError: ``texts`` is empty.
     """
-    import keras
     import numpy as np
-    import tensorflow as tf
+
+    tf = import_tensorflow()
+    import keras
 
     if len(texts) == 0:
         raise ValueError("cannot fit a vectorizer on no texts; the train side is empty")
@@ -138,6 +143,11 @@ def build_features(
     store.put_bytes(f"{prefix}/train.parquet", _to_parquet(train_df))
     store.put_bytes(f"{prefix}/eval.parquet", _to_parquet(eval_df))
     store.put_bytes(f"{prefix}/vectorizer.json", json.dumps(vectorizer).encode())
+    log.info(
+        "split %d rows into %d for training and %d held out%s; vocabulary of %d terms (1- to %d-grams, at most "
+        "%d); classes %s", len(df), len(train_df), len(eval_df), " (whole groups)" if "group" in df.columns else "",
+        len(vectorizer["vocabulary"]), ngrams, max_tokens, ", ".join(map(str, classes)),
+    )
     return {
         "key": prefix,
         "train_rows": len(train_df),

@@ -11,12 +11,15 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
 
 from maas_tasks.storage import Store, sha256_file
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_SUFFIXES = (".csv", ".csv.gz", ".tsv", ".tsv.gz", ".parquet")
 SNAPSHOT_FILE = "data.parquet"
@@ -81,6 +84,10 @@ def ingest_data(store: Store, source: str | Path, *, run_id: str | None = None) 
         local = Path(tmp) / SNAPSHOT_FILE
         frame.to_parquet(local, index=False)
         store.put_file(key, local)
+    log.info(
+        "read %d rows with columns %s from %s (sha256 %s); staged as %s",
+        len(frame), ", ".join(map(str, frame.columns)), path, digest[:12], store.uri(key),
+    )
     return {
         "key": key,
         "sha256": digest,

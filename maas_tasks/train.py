@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import tempfile
 import time
 from collections.abc import Sequence
@@ -29,6 +30,9 @@ import pandas as pd
 from maas_tasks.config import DEVICE_CHOICES
 from maas_tasks.features import OOV_TOKEN, split_frame
 from maas_tasks.storage import Store
+from maas_tasks.tf_runtime import import_tensorflow
+
+log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.keras"
 HISTORY_FILE = "history.json"
@@ -63,7 +67,7 @@ def select_device(preference: str = "auto", devices: Sequence[Any] | None = None
     if preference == "cpu":
         return "/CPU:0"
     if devices is None:
-        import tensorflow as tf
+        tf = import_tensorflow()
 
         devices = tf.config.list_physical_devices()
     has_gpu = any("GPU" in str(getattr(d, "device_type", d)).upper() for d in devices)
@@ -80,6 +84,7 @@ def select_device(preference: str = "auto", devices: Sequence[Any] | None = None
 
 def _feature_layers(vectorizer: dict[str, Any]) -> list[Any]:
     """Raw strings → unit-length binary TF-IDF vectors: the layers every model built here starts with."""
+    import_tensorflow()
     import keras
 
     # Index 0 is the out-of-vocabulary bucket. Keras would give it the mean idf, and as it counts every
@@ -108,6 +113,7 @@ def _feature_layers(vectorizer: dict[str, Any]) -> list[Any]:
 
 
 def _scores_layer(n_classes: int) -> Any:
+    import_tensorflow()
     import keras
 
     return keras.layers.Dense(n_classes, activation="softmax", name="scores")
@@ -120,6 +126,7 @@ def _apply(layers: list[Any], x: Any) -> Any:
 
 
 def _end_to_end(features: list[Any], scores: Any) -> Any:
+    import_tensorflow()
     import keras
 
     text = keras.Input(shape=(), dtype="string", name="text")
@@ -185,13 +192,35 @@ def _featurize(features: list[Any], texts: list[str], batch_size: int = 256) -> 
     Each batch is dense (texts x vocabulary, once per layer) until it is converted, so batches stay small:
     on IMDB, 1024 texts a batch cost ~0.5 GB more peak memory than 256, and were no faster.
     """
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     def to_sparse(batch: tf.Tensor) -> tf.SparseTensor:
         return tf.sparse.from_dense(_apply(features, batch))
 
     dataset = tf.data.Dataset.from_tensor_slices(tf.constant(texts, dtype=tf.string)).batch(batch_size)
     return tf.sparse.concat(axis=0, sp_inputs=list(dataset.map(to_sparse, num_parallel_calls=tf.data.AUTOTUNE)))
+
+
+def _epoch_logger(epochs: int) -> Any:
+    """A Keras callback that logs each epoch's loss and accuracy (train and held-out) and its duration."""
+    import keras
+
+    started: list[float] = []
+
+    def begin(epoch: int, logs: dict | None = None) -> None:
+        started[:] = [time.perf_counter()]
+
+    def end(epoch: int, logs: dict | None = None) -> None:
+        logs = logs or {}
+        held_out = (
+            f"; held-out loss {logs['val_loss']:.4f}, accuracy {logs['val_accuracy']:.4f}" if "val_loss" in logs else ""
+        )
+        log.info(
+            "epoch %d/%d: loss %.4f, accuracy %.4f%s (%.1f s)", epoch + 1, epochs, logs.get("loss", float("nan")),
+            logs.get("accuracy", float("nan")), held_out, time.perf_counter() - started[0],
+        )
+
+    return keras.callbacks.LambdaCallback(on_epoch_begin=begin, on_epoch_end=end)
 
 
 def _split_calibration(train_df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -244,8 +273,8 @@ def train_model(
     Raises:
         ValueError: a parameter is out of range (the message names it).
     """
+    tf = import_tensorflow()
     import keras
-    import tensorflow as tf
 
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs={epochs} and batch_size={batch_size} must both be at least 1")
@@ -286,6 +315,12 @@ def train_model(
     optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=weight_decay)
     optimizer.exclude_from_weight_decay(var_names=["bias"])
     trainer.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    log.info(
+        "training on %s: %d rows, %d held out, %d classes, %d features; %d epochs, batch size %d",
+        device_name, len(fit_df), len(eval_df), len(classes), features[0].vocabulary_size(), epochs, batch_size,
+    )
+    if len(calibration_df):
+        log.info("%d more training rows are set aside to calibrate the scores", len(calibration_df))
     with tf.device(device_name):
         # shuffle=False: the tf.data pipeline already reshuffles every epoch.
         fitted = trainer.fit(
@@ -294,6 +329,7 @@ def train_model(
             epochs=epochs,
             shuffle=False,
             verbose=0,
+            callbacks=[_epoch_logger(epochs)],
         )
         temperature = 1.0
         if len(calibration_df):
@@ -304,6 +340,10 @@ def train_model(
             scores.set_weights([kernel / temperature, bias / temperature])
     train_seconds = time.perf_counter() - started
     history = {name: [float(v) for v in values] for name, values in fitted.history.items()}
+    log.info(
+        "trained on %s: %d rows, %d epochs in %.1f s; score temperature %.3f%s", device_name, len(fit_df), epochs,
+        train_seconds, temperature, "" if len(calibration_df) else " (too few rows to calibrate)",
+    )
 
     model = _end_to_end(features, scores)
     params = {

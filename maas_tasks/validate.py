@@ -10,12 +10,15 @@ functions: it is slow to import and DAG files must parse quickly.
 from __future__ import annotations
 
 import io
+import logging
 from typing import Any
 
 import pandas as pd
 
 from maas_tasks.clean import normalize_label
 from maas_tasks.storage import Store
+
+log = logging.getLogger(__name__)
 
 _EXAMPLES = 3
 
@@ -31,23 +34,39 @@ class DataValidationError(ValueError):
 def _build_expectations(text_col: str, label_col: str, allowed_labels: list[str] | None, min_rows: int) -> list:
     import great_expectations.expectations as gxe
 
+    def meta(check: str, description: str) -> dict[str, str]:
+        return {"check": check, "description": description}
+
     expectations = [
-        gxe.ExpectTableRowCountToBeBetween(min_value=min_rows, meta={"check": "row_count"}),
-        gxe.ExpectColumnToExist(column=text_col, meta={"check": "text_exists"}),
-        gxe.ExpectColumnToExist(column=label_col, meta={"check": "label_exists"}),
-        gxe.ExpectColumnValuesToNotBeNull(column=text_col, meta={"check": "text_not_null"}),
-        gxe.ExpectColumnValuesToNotBeNull(column=label_col, meta={"check": "label_not_null"}),
+        gxe.ExpectTableRowCountToBeBetween(min_value=min_rows, meta=meta("row_count", f"at least {min_rows} rows")),
+        gxe.ExpectColumnToExist(column=text_col, meta=meta("text_exists", f"text column {text_col!r} exists")),
+        gxe.ExpectColumnToExist(column=label_col, meta=meta("label_exists", f"label column {label_col!r} exists")),
+        gxe.ExpectColumnValuesToNotBeNull(column=text_col, meta=meta("text_not_null", "every row has a text")),
+        gxe.ExpectColumnValuesToNotBeNull(column=label_col, meta=meta("label_not_null", "every row has a label")),
         # \S anywhere means the text is not blank once stripped.
-        gxe.ExpectColumnValuesToMatchRegex(column=text_col, regex=r"\S", meta={"check": "text_not_blank"}),
-        gxe.ExpectColumnUniqueValueCountToBeBetween(column=label_col, min_value=2, meta={"check": "label_count"}),
+        gxe.ExpectColumnValuesToMatchRegex(
+            column=text_col, regex=r"\S", meta=meta("text_not_blank", "no text is blank")
+        ),
+        gxe.ExpectColumnUniqueValueCountToBeBetween(
+            column=label_col, min_value=2, meta=meta("label_count", "at least 2 distinct labels")
+        ),
     ]
     if allowed_labels is not None:
         expectations.append(
             gxe.ExpectColumnValuesToBeInSet(
-                column=label_col, value_set=list(allowed_labels), meta={"check": "label_in_set"}
+                column=label_col, value_set=list(allowed_labels),
+                meta=meta("label_in_set", f"every label is one of {', '.join(map(repr, allowed_labels))}"),
             )
         )
     return expectations
+
+
+def _quiet_great_expectations() -> None:
+    """Keep Great Expectations' INFO lines (hundreds, as it registers its classes on import) out of task
+    logs; its warnings and errors still show, and a level configured explicitly is left alone."""
+    gx_logger = logging.getLogger("great_expectations")
+    if gx_logger.level == logging.NOTSET:
+        gx_logger.setLevel(logging.WARNING)
 
 
 def _run_suite(df: pd.DataFrame, expectations: list) -> list:
@@ -171,6 +190,7 @@ def validate_frame(
         # Compare labels as the class-name strings the later stages use, so 1 and "1" are the same label.
         labels_as_names = df[label_col].map(lambda v: v if pd.isna(v) else normalize_label(v))
         frame = df.assign(**{label_col: labels_as_names})
+    _quiet_great_expectations()
     expectations = _build_expectations(text_col, label_col, allowed_labels, min_rows)
     results = {r.expectation_config.meta["check"]: r for r in _run_suite(frame, expectations)}
     labels: dict[str, int] = {}
@@ -181,6 +201,10 @@ def validate_frame(
         "columns": [str(c) for c in df.columns],
         "labels": labels,
         "expectations": len(results),
+        "checks": [
+            {"check": check, "description": r.expectation_config.meta["description"], "success": bool(r.success)}
+            for check, r in results.items()
+        ],
         "success": all(r.success for r in results.values()),
     }
     if summary["success"]:
@@ -191,6 +215,23 @@ def validate_frame(
     summary["failures"] = failures
     message = f"data validation failed ({len(failures)} problem(s)):\n" + "\n".join(f"- {m}" for m in failures)
     raise DataValidationError(message, summary)
+
+
+def log_validation_summary(source: str, summary: dict[str, Any]) -> None:
+    """Log what was checked: rows and columns, each check with its outcome, the labels and any failures."""
+    checks = summary.get("checks") or []
+    passed = sum(1 for check in checks if check["success"])
+    log.info(
+        "data checks of %s (Great Expectations): %d rows, columns %s; %d of %d checks passed",
+        source, summary.get("rows", 0), ", ".join(summary.get("columns") or []) or "(none)", passed, len(checks),
+    )
+    for check in checks:
+        log.info("  %-6s %s", "passed" if check["success"] else "FAILED", check["description"])
+    if summary.get("labels"):
+        counts = (f"{label} ({count} row{'' if count == 1 else 's'})" for label, count in summary["labels"].items())
+        log.info("labels: %s", ", ".join(counts))
+    for failure in summary.get("failures") or []:
+        log.error("problem: %s", failure)
 
 
 def validate_snapshot(
@@ -251,13 +292,18 @@ def validate_staged_snapshot(
         )
     try:
         if group_col and group_col not in staged["columns"]:
+            problem = (
+                f"group column {group_col!r} is missing; the file has columns: {', '.join(staged['columns'])}; "
+                "pass another group_col or leave it empty"
+            )
             raise DataValidationError(
-                f"data validation failed (1 problem(s)):\n- group column {group_col!r} is missing; the file has "
-                f"columns: {', '.join(staged['columns'])}; pass another group_col or leave it empty",
-                {"success": False, "missing_columns": [group_col]},
+                f"data validation failed (1 problem(s)):\n- {problem}",
+                {"success": False, "rows": staged.get("rows", 0), "columns": staged["columns"],
+                 "missing_columns": [group_col], "failures": [problem]},
             )
         summary = validate_snapshot(store, key, text_col=text_col, label_col=label_col, allowed_labels=allowed_labels)
     except DataValidationError as exc:
+        log_validation_summary(staged["source"], exc.summary)
         discard_snapshot(store, staged)
         # Name the user's file, not the internal storage key.
         message = f"{staged['source']}: {str(exc).removeprefix(store.uri(key) + ': ')}"
@@ -266,6 +312,7 @@ def validate_staged_snapshot(
             detail={"dag_run_id": dag_run_id, "source": staged["source"], "sha256": staged["sha256"], "message": message},
         )
         raise DataValidationError(message, exc.summary) from None
+    log_validation_summary(staged["source"], summary)
     published = publish_snapshot(store, staged)
     snapshot_id = registry.record_snapshot(
         published["uri"],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -93,15 +95,23 @@ def test_evaluate_model_on_the_eval_split(trained_run):
     assert sum(map(sum, result["confusion_matrix"])) == features["eval_rows"]
 
 
-def test_evaluate_and_register_gates_and_is_idempotent_per_run(trained_run, pg_dsn):
+def test_evaluate_and_register_gates_and_is_idempotent_per_run(trained_run, pg_dsn, caplog):
     from maas_tasks.evaluate import evaluate_and_register
     from maas_tasks.registry import Registry
 
     store, model_key, features_key = trained_run["store"], trained_run["trained"]["key"], trained_run["features"]["key"]
     with Registry.connect(pg_dsn) as registry:
-        first = evaluate_and_register(
-            store, registry, model_key, features_key, model_name="m", min_accuracy=0.5, snapshot_id=None, dag_run_id="r1"
-        )
+        with caplog.at_level(logging.INFO, logger="maas_tasks.evaluate"):
+            first = evaluate_and_register(
+                store, registry, model_key, features_key, model_name="m", min_accuracy=0.5, snapshot_id=None,
+                dag_run_id="r1",
+            )
+        # The task log: the metrics, the confusion matrix and the gate decision, as text.
+        lines = [r.getMessage() for r in caplog.records if r.name == "maas_tasks.evaluate"]
+        assert lines[0].startswith(f"held-out metrics on {trained_run['features']['eval_rows']} rows: accuracy ")
+        assert "log loss" in lines[0] and "ECE" in lines[0]
+        assert lines[1].startswith("confusion matrix") and lines[2].split()[-2:] == ["negative", "positive"]
+        assert lines[5].startswith("gate passed: accuracy") and lines[6] == "registered m v1 as candidate"
         retried = evaluate_and_register(
             store, registry, model_key, features_key, model_name="m", min_accuracy=0.5, snapshot_id=None, dag_run_id="r1"
         )
@@ -132,3 +142,14 @@ def test_compute_metrics_reports_calibration():
     assert metrics["log_loss"] == pytest.approx(-(np.log(0.9) + np.log(0.8) + np.log(0.6) + np.log(0.3)) / 4)
     assert 0 <= metrics["ece"] <= 1
 
+
+
+def test_metrics_and_confusion_matrix_read_as_text():
+    from maas_tasks.evaluate import format_confusion_matrix, format_metrics
+
+    metrics = {"accuracy": 0.9, "f1": 0.90703, "roc_auc": None, "log_loss": 0.27, "n_eval": 80}
+    assert format_metrics(metrics) == "accuracy 0.9000, F1 0.9070, ROC AUC n/a, log loss 0.2700"
+    lines = format_confusion_matrix([[33, 2], [6, 39]], ["negative", "positive"])
+    assert lines[0].split() == ["true", "\\", "predicted", "negative", "positive"]
+    assert lines[1].split() == ["negative", "33", "2"] and lines[2].split() == ["positive", "6", "39"]
+    assert len({len(line) for line in lines}) == 1  # aligned columns

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -160,3 +162,19 @@ def test_long_training_keeps_scores_calibrated(tmp_path):
     record = json.loads(store.get_bytes(f"{trained['prefix']}/history.json"))
     assert record["calibration"]["calibration_rows"] > 200
     assert record["calibration"]["temperature"] == trained["temperature"] != 1.0
+
+
+def test_each_epoch_is_logged_with_its_losses_accuracies_and_time(caplog):
+    from maas_tasks.train import _epoch_logger
+
+    callback = _epoch_logger(epochs=3)
+    with caplog.at_level(logging.INFO, logger="maas_tasks.train"):
+        callback.on_epoch_begin(0)
+        callback.on_epoch_end(0, {"loss": 0.61234, "accuracy": 0.7, "val_loss": 0.5, "val_accuracy": 0.75})
+        callback.on_epoch_begin(1)
+        callback.on_epoch_end(1, {"loss": 0.4, "accuracy": 0.8})  # no held-out rows
+    first, second = (r.getMessage() for r in caplog.records)
+    assert re.fullmatch(
+        r"epoch 1/3: loss 0.6123, accuracy 0.7000; held-out loss 0.5000, accuracy 0.7500 \(\d+\.\d s\)", first
+    )
+    assert re.fullmatch(r"epoch 2/3: loss 0.4000, accuracy 0.8000 \(\d+\.\d s\)", second)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pandas as pd
 import pytest
 
@@ -118,11 +120,19 @@ class TestValidateStagedSnapshot:
 
     GOOD = "text,label,movie\nloved it,pos,a\nhated it,neg,b\nfine film,pos,c\n"
 
-    def test_good_data_is_published_and_recorded(self, file_store, registry, tmp_path):
+    def test_good_data_is_published_and_recorded(self, file_store, registry, tmp_path, caplog):
         from maas_tasks.validate import validate_staged_snapshot
 
         staged = self.stage(file_store, tmp_path, self.GOOD, "r1")
-        ref = validate_staged_snapshot(file_store, registry, staged, text_col="text", label_col="label")
+        with caplog.at_level(logging.INFO):
+            ref = validate_staged_snapshot(file_store, registry, staged, text_col="text", label_col="label")
+        # The task log says what was checked, and Great Expectations' own INFO chatter stays out of it.
+        lines = [r.getMessage() for r in caplog.records if r.name == "maas_tasks.validate"]
+        assert lines[0] == (
+            "data checks of reviews.csv (Great Expectations): 3 rows, columns text, label, movie; 7 of 7 checks passed"
+        )
+        assert "  passed text column 'text' exists" in lines and "labels: neg (1 row), pos (2 rows)" in lines
+        assert not [r for r in caplog.records if r.name.startswith("great_expectations") and r.levelno < logging.WARNING]
         assert ref["key"] == f"snapshots/{staged['sha256']}/data.parquet" and ref["rows"] == 3
         assert registry.get_snapshot(ref["snapshot_id"]).sha256 == staged["sha256"]
         assert file_store.list_keys("staging") == []
@@ -145,7 +155,7 @@ class TestValidateStagedSnapshot:
             (GOOD, {"group_col": "film_id"}, "group column 'film_id' is missing; the file has columns: text, label, movie"),
         ],
     )
-    def test_bad_data_is_discarded_and_logged(self, file_store, registry, tmp_path, content, kwargs, message):
+    def test_bad_data_is_discarded_and_logged(self, file_store, registry, tmp_path, content, kwargs, message, caplog):
         from maas_tasks.validate import DataValidationError, validate_staged_snapshot
 
         staged = self.stage(file_store, tmp_path, content, "r1")
@@ -154,6 +164,8 @@ class TestValidateStagedSnapshot:
                 file_store, registry, staged, text_col="text", label_col="label", dag_run_id="r1", **kwargs
             )
         assert str(failure.value).startswith("reviews.csv: ")
+        problems = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert any(message in p for p in problems)
         assert file_store.list_keys() == []
         events = registry.list_events(kind="validation_failed")
         assert len(events) == 1 and events[0].detail["dag_run_id"] == "r1" and message in events[0].detail["message"]
