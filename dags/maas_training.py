@@ -6,30 +6,48 @@ Turns a labeled text file into a model served by TensorFlow Serving:
 ingest → validate → clean → features → train → evaluate → gate → export → promote
 
 * **ingest_data** stages an immutable Parquet snapshot of the file in the object store.
-* **validate_data** checks it with Great Expectations; bad data fails the run here and leaves no
-  snapshot behind. Good data is published and recorded in the registry.
-* **clean_data**, **build_features** (train/eval split, TF-IDF vocabulary), **train_model** (a Keras
-  model whose first layer is the TF-IDF vectorizer, so the served model takes raw text).
-* **evaluate_model** computes accuracy, precision, recall, F1 and ROC AUC on the held-out split and
-  registers the next model version: *candidate* when it passes the gate, *rejected* otherwise.
+* **validate_data** checks it with Great Expectations (its log lists every check, the rows and any
+  failure); bad data fails the run here and leaves no snapshot behind.
+* **clean_data**, **build_features** (train/held-out split, TF-IDF vocabulary), **train_model** (a Keras
+  model whose first layer is the TF-IDF vectorizer, so the served model takes raw text; its log shows
+  the loss and accuracy of every epoch).
+* **evaluate_model** scores the model on the held-out split (its log shows the metrics, the confusion
+  matrix and the gate decision) and registers the next model version: *candidate* when it passes the
+  gate, *rejected* otherwise.
 * **gate_model** stops a rejected model here: it is never exported.
 * **export_model** writes the SavedModel to `models/<name>/<version>/` in the store;
   **promote_model** copies it onto the serving volume, reloads the model server and marks it serving.
 
-Trigger with the **Trigger DAG** button to change the data file, columns or gate; the weekly schedule
-retrains on the defaults. Every task passes only small references (store keys, versions) through XCom.
+**Run it now:** press **Trigger** (top right), change any field of the form (every field states its
+limits; empty optional fields use the defaults, and an empty *Data file* trains on the bundled sample),
+then press **Trigger** at the bottom of the form.
+
+**Schedule:** every Sunday at 00:00 UTC on the defaults, once the DAG is unpaused. Unpausing (the
+toggle, or *Unpause maas_training on trigger* in the trigger form) never starts a missed run: the first
+scheduled run is the next Sunday. Every task passes only small references (store keys, versions)
+through XCom.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
 from airflow.sdk import Param, dag, task
+from maas_timetables import NextSlotCronTimetable
+
+from maas_tasks.config import MODEL_NAME_PATTERN
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(seconds=30), "owner": "maas"}
+EPOCHS_MAX = 50
+BATCH_SIZES = (16, 32, 64, 128, 256, 512, 1024)
+VOCABULARY_SIZES = (1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000)
+EVAL_FRACTION_RANGE = (0.05, 0.5)
 
 
 def _store() -> tuple[Any, Any]:
@@ -61,76 +79,111 @@ def _registry(settings: Any) -> Any:
     return Registry.connect(registry_dsn(settings))
 
 
+def training_params() -> dict[str, Param]:
+    """The run parameters, grouped in the trigger form's sections.
+
+    Airflow's form enforces ``enum`` (a dropdown), ``minimum``/``maximum`` (a number outside is set to the
+    nearest limit as the field loses focus) and ``maxLength``; it does not check ``pattern``,
+    ``exclusiveMaximum`` or that an integer has no fraction, and it treats an empty field as missing unless
+    the type admits ``null``. So whole numbers are dropdowns, fractions have inclusive bounds, optional
+    values are nullable with a ``None`` default, and each description states the limits. Only the model
+    name's pattern is left to the server, which refuses a bad name before any run is created. A run
+    triggered through the API or ``maas run`` gets the same checks from the same schema.
+    """
+    from maas_tasks.sample_data import sample_data_path
+
+    sample = str(sample_data_path())
+    data, training, gate = "Data", "Training", "Gate and promotion"
+    return {
+        "data_path": Param(
+            None,
+            type=["null", "string"],
+            title="Data file",
+            description=(
+                "Path, on the machine that runs the tasks, of a CSV/TSV (plain or .gz) or Parquet file with one "
+                "labeled text per row, e.g. /opt/airflow/data/reviews.csv.gz. Leave empty to train on the bundled "
+                "sample of 400 movie reviews, maas_tasks/data/sample_reviews.csv in the MaaS package (click the "
+                "field to pick its full path)."
+            ),
+            examples=[sample],
+            section=data,
+        ),
+        "text_col": Param(
+            "text", type="string", minLength=1, maxLength=128, title="Text column",
+            description="Column holding the raw text (1 to 128 characters).", section=data,
+        ),
+        "label_col": Param(
+            "label", type="string", minLength=1, maxLength=128, title="Label column",
+            description="Column holding each text's class; its values become the served class names.",
+            section=data,
+        ),
+        "group_col": Param(
+            None, type=["null", "string"], maxLength=128, title="Group column",
+            description=(
+                "Optional. Rows sharing a value of this column (e.g. movie_id) stay on one side of the train/"
+                "held-out split, so the held-out score measures unseen groups. Empty: rows are split one by one."
+            ),
+            section=data,
+        ),
+        "epochs": Param(
+            5, type="integer", enum=list(range(1, EPOCHS_MAX + 1)), title="Epochs",
+            description=f"Passes over the training split: a whole number from 1 to {EPOCHS_MAX}.", section=training,
+        ),
+        "batch_size": Param(
+            64, type="integer", enum=list(BATCH_SIZES), title="Batch size",
+            description=f"Texts per training step: one of {', '.join(map(str, BATCH_SIZES))}.", section=training,
+        ),
+        "max_tokens": Param(
+            20_000,
+            type="integer",
+            enum=list(VOCABULARY_SIZES),
+            values_display={str(n): f"{n:,}" for n in VOCABULARY_SIZES},
+            title="Vocabulary size",
+            description=(
+                "Most frequent words and word pairs the TF-IDF layer keeps: one of "
+                f"{', '.join(f'{n:,}' for n in VOCABULARY_SIZES)}."
+            ),
+            section=training,
+        ),
+        "eval_fraction": Param(
+            0.2, type="number", minimum=EVAL_FRACTION_RANGE[0], maximum=EVAL_FRACTION_RANGE[1],
+            title="Held-out fraction",
+            description=(
+                f"Share of the rows (whole groups when a group column is set) kept out of training to score the "
+                f"model: {EVAL_FRACTION_RANGE[0]} to {EVAL_FRACTION_RANGE[1]}."
+            ),
+            section=training,
+        ),
+        "min_accuracy": Param(
+            0.7, type="number", minimum=0, maximum=1, title="Minimum accuracy",
+            description=(
+                "Gate: a model whose held-out accuracy is below this (0 to 1) is registered as rejected, never "
+                "exported, and the serving model stays."
+            ),
+            section=gate,
+        ),
+        "model_name": Param(
+            None, type=["null", "string"], maxLength=64, pattern=MODEL_NAME_PATTERN, title="Model name",
+            description=(
+                "Name the model is registered and served under: up to 64 letters, digits, '.', '_' or '-', starting "
+                "with a letter or digit. Empty: MAAS_MODEL_NAME (default sentiment)."
+            ),
+            section=gate,
+        ),
+    }
+
+
 @dag(
     dag_id="maas_training",
-    schedule="@weekly",
+    description="Train a text classifier on a labeled file and serve it with TensorFlow Serving if it passes the gate",
+    schedule=NextSlotCronTimetable("@weekly", timezone="UTC"),
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
     tags=["maas", "training"],
     default_args=DEFAULT_ARGS,
     doc_md=__doc__,
-    params={
-        "data_path": Param(
-            "",
-            type="string",
-            title="Data file",
-            description="CSV/TSV (optionally .gz) or Parquet file with labeled texts. Empty: the bundled sample.",
-        ),
-        "text_col": Param(
-            "text", type="string", minLength=1, title="Text column", description="Column holding the raw text."
-        ),
-        "label_col": Param(
-            "label",
-            type="string",
-            minLength=1,
-            title="Label column",
-            description="Column holding the label; its values become the served class names.",
-        ),
-        "group_col": Param(
-            "",
-            type="string",
-            title="Group column",
-            description="Optional column whose groups stay on one side of the train/eval split (e.g. movie_id).",
-        ),
-        "model_name": Param(
-            "",
-            type="string",
-            pattern="^([A-Za-z0-9][A-Za-z0-9_.-]{0,63})?$",
-            title="Model name",
-            description="Name the model is registered and served under. Empty: MAAS_MODEL_NAME (default sentiment).",
-        ),
-        "epochs": Param(
-            5, type="integer", minimum=1, maximum=200, title="Epochs", description="Passes over the training split."
-        ),
-        "batch_size": Param(
-            64, type="integer", minimum=1, maximum=4096, title="Batch size", description="Texts per training step."
-        ),
-        "max_tokens": Param(
-            20000,
-            type="integer",
-            minimum=100,
-            maximum=500000,
-            title="Vocabulary size",
-            description="Most frequent unigrams and bigrams kept by the TF-IDF layer.",
-        ),
-        "eval_fraction": Param(
-            0.2,
-            type="number",
-            exclusiveMinimum=0,
-            exclusiveMaximum=1,
-            title="Held-out fraction",
-            description="Share of rows (whole groups when a group column is set) kept out of training for evaluation.",
-        ),
-        "min_accuracy": Param(
-            0.7,
-            type="number",
-            minimum=0,
-            maximum=1,
-            title="Minimum accuracy",
-            description="Gate: a model below this held-out accuracy is registered as rejected and never exported.",
-        ),
-    },
+    params=training_params(),
 )
 def maas_training() -> None:
     @task
@@ -224,8 +277,10 @@ def maas_training() -> None:
 
     @task.short_circuit
     def gate_model(evaluation: dict[str, Any]) -> bool:
-        print(f"gate: {evaluation['gate']['reason']}")
-        return bool(evaluation["gate"]["passed"])
+        passed = bool(evaluation["gate"]["passed"])
+        version = f"{evaluation['model_name']} v{evaluation['version']}"
+        log.info("gate %s for %s: %s", "passed" if passed else "REJECTED", version, evaluation["gate"]["reason"])
+        return passed
 
     @task
     def export_model(evaluation: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ connections: callers decide when state is touched.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,8 @@ DEFAULT_REST_PORT = 8501
 DEFAULT_PG_PORT = 54320
 DEFAULT_AIRFLOW_PORT = 8080
 DEVICE_CHOICES = ("auto", "cpu", "gpu")
+# A model name is a directory on the serving volume and a key prefix in the store: keep it portable.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
 class ConfigError(ValueError):
@@ -78,6 +81,20 @@ def _int_setting(env: dict[str, str], name: str, default: int) -> int:
     return value
 
 
+def check_model_name(name: str, source: str = "model name") -> str:
+    """Return ``name`` if it is a valid model name.
+
+    Raises:
+        ConfigError: it is not; the message says what ``source`` (e.g. ``MAAS_MODEL_NAME``) must look like.
+    """
+    if not re.fullmatch(MODEL_NAME_PATTERN, name):
+        raise ConfigError(
+            f"{source} {name!r} is not a valid model name: use 1 to 64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (e.g. sentiment or reviews-v2)"
+        )
+    return name
+
+
 def _str_setting(env: dict[str, str], name: str) -> str | None:
     value = env.get(name, "").strip()
     return value or None
@@ -110,7 +127,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         s3_region=_str_setting(env, "MAAS_S3_REGION") or "us-east-1",
         registry_dsn=_str_setting(env, "MAAS_REGISTRY_DSN"),
         pg_port=_int_setting(env, "MAAS_PG_PORT", DEFAULT_PG_PORT),
-        model_name=_str_setting(env, "MAAS_MODEL_NAME") or DEFAULT_MODEL_NAME,
+        model_name=check_model_name(_str_setting(env, "MAAS_MODEL_NAME") or DEFAULT_MODEL_NAME, "MAAS_MODEL_NAME"),
         serving_host=_str_setting(env, "MAAS_SERVING_HOST") or "127.0.0.1",
         grpc_port=_int_setting(env, "MAAS_GRPC_PORT", DEFAULT_GRPC_PORT),
         rest_port=_int_setting(env, "MAAS_REST_PORT", DEFAULT_REST_PORT),

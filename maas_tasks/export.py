@@ -17,20 +17,20 @@ The version's files go to ``models/<name>/<version>/`` (manifest last) and its m
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from maas_tasks.config import check_model_name
 from maas_tasks.evaluate import load_model
 from maas_tasks.storage import Store, delete_prefix, upload_tree
+from maas_tasks.tf_runtime import import_tensorflow
 from maas_tasks.train import HISTORY_FILE, model_file_key
 
 SIGNATURE_NAME = "serving_default"
 INPUT_NAME = "text"
 OUTPUT_NAMES = ("classes", "label", "scores")
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class ExportError(RuntimeError):
@@ -43,7 +43,7 @@ def version_prefix(model_name: str, version: int) -> str:
 
 
 def _serving_function(model: Any, classes: list[str]) -> Any:
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     class_names = tf.constant(classes, dtype=tf.string)
 
@@ -63,7 +63,7 @@ def _serving_function(model: Any, classes: list[str]) -> Any:
 
 def _check_saved_model(path: Path, classes: list[str]) -> None:
     """Load the SavedModel back and call its signature on two strings; raise if the contract is broken."""
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     loaded = tf.saved_model.load(str(path))
     if SIGNATURE_NAME not in loaded.signatures:
@@ -100,6 +100,7 @@ def _model_classes(store: Store, model_key: str, model: Any) -> list[str]:
 
 def write_saved_model(model: Any, classes: list[str], path: Path) -> None:
     """Write ``model`` as a SavedModel with the serving contract at ``path`` and verify it."""
+    import_tensorflow()
     import keras
 
     archive = keras.export.ExportArchive()
@@ -126,8 +127,7 @@ def export_model(
         ``prefix`` (``models/<name>/<version>``), ``uri`` of that prefix, ``files`` (the manifest)
         and ``metadata_key``.
     """
-    if not _MODEL_NAME.match(model_name):
-        raise ValueError(f"model name {model_name!r} must be 1-64 letters, digits, '_', '-' or '.'")
+    check_model_name(model_name)
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ValueError(f"version {version!r} must be a positive integer (TF Serving version directories are numbers)")
     model = load_model(store, model_key)

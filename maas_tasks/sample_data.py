@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
 
 SAMPLE_CSV = Path(__file__).resolve().parent / "data" / "sample_reviews.csv"
 SAMPLE_ROWS = 400
@@ -126,6 +128,8 @@ def generate_reviews(n: int, *, seed: int) -> pd.DataFrame:
         (raw, with HTML breaks and entities) and ``label`` (``"positive"``/``"negative"``, balanced,
         about 5% deliberately flipped).
     """
+    import pandas as pd  # here, not at the top: the DAG file imports sample_data_path while parsing
+
     if n < 1:
         raise ValueError(f"n={n}: ask for at least one review")
     rng = random.Random(seed)

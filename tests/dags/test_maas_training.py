@@ -73,12 +73,18 @@ def test_parsing_imports_nothing_heavy_and_touches_no_database_or_connection(tmp
 
 
 def test_schedule_tags_and_docs(dag):
+    from maas_timetables import NextSlotCronTimetable
+
     assert dag.dag_id == DAG_FILE.stem
-    assert dag.schedule == "@weekly"
+    assert isinstance(dag.timetable, NextSlotCronTimetable) and dag.timetable.summary == "0 0 * * 0"
     assert dag.catchup is False
     assert dag.max_active_runs == 1
     assert {"maas", "training"} <= set(dag.tags)
+    assert dag.description and len(dag.description) < 120  # the DAG list shows it as a one-line summary
     assert "ingest" in dag.doc_md and "promote" in dag.doc_md
+    # The doc names the UI's controls as they are labelled and says what unpausing does.
+    assert "**Trigger**" in dag.doc_md and "Trigger DAG" not in dag.doc_md
+    assert "Unpause maas_training on trigger" in dag.doc_md and "never starts a missed run" in dag.doc_md
 
 
 def test_task_ids_and_edges(dag):
@@ -93,26 +99,69 @@ def test_every_task_retries(dag):
         assert task.retries >= 1, task.task_id
 
 
-def test_params_are_typed_documented_and_defaulted(dag):
+SECTIONS = {"Data", "Training", "Gate and promotion"}
+OPTIONAL = {"data_path", "group_col", "model_name"}
+
+
+def test_params_are_sectioned_titled_and_documented(dag):
     params = dag.params
     expected = {"data_path", "text_col", "label_col", "group_col", "model_name", "epochs", "batch_size",
                 "max_tokens", "eval_fraction", "min_accuracy"}
     assert expected <= set(params.keys())
-    for name in expected:
+    for name in params.keys():
         param = params.get_param(name)
-        assert "type" in param.schema and param.schema.get("title"), name
-        assert param.description, name
-    values = params.dump()
-    assert values["model_name"] == "" and values["text_col"] == "text"  # empty: MAAS_MODEL_NAME
-    assert 0 < values["min_accuracy"] < 1
+        assert param.schema.get("title") and param.description, name
+        assert param.schema.get("section") in SECTIONS, name
+    assert {params.get_param(n).schema["section"] for n in params.keys()} == SECTIONS
 
 
-def test_bad_param_values_are_rejected(dag):
+def test_optional_params_are_nullable_with_a_none_default(dag):
+    # The form treats "" as missing and marks every non-nullable field as required.
+    for name in OPTIONAL:
+        param = dag.params.get_param(name)
+        assert param.value is None and "null" in param.schema["type"], name
+    for name in set(dag.params.keys()) - OPTIONAL:
+        param = dag.params.get_param(name)
+        assert param.value is not None and "null" not in param.schema["type"], name
+
+
+def test_every_limit_is_one_the_trigger_form_enforces_and_is_stated(dag):
+    # The form applies minimum/maximum (clamping), enum (a dropdown) and maxLength, but not
+    # exclusiveMinimum/exclusiveMaximum or integer-ness: whole numbers must be dropdowns.
+    for name in dag.params.keys():
+        param = dag.params.get_param(name)
+        schema = param.schema
+        assert not {"exclusiveMinimum", "exclusiveMaximum", "multipleOf"} & set(schema), name
+        if schema["type"] == "integer":
+            assert schema.get("enum"), f"{name}: a whole number must be a dropdown"
+        limits = [min(schema["enum"]), max(schema["enum"])] if "enum" in schema else []
+        limits += [schema[bound] for bound in ("minimum", "maximum") if bound in schema]
+        for limit in limits:
+            assert str(limit) in param.description or f"{limit:,}" in param.description, (name, limit)
+    assert "/" in dag.params.get_param("data_path").description  # an example path
+    sample = dag.params.get_param("data_path").schema["examples"][0]
+    assert Path(sample).is_file() and sample.endswith("maas_tasks/data/sample_reviews.csv")
+    assert "maas_tasks/data/sample_reviews.csv" in dag.params.get_param("data_path").description
+
+
+def test_defaults_validate(dag):
+    from airflow.sdk.definitions.param import ParamsDict
+
+    ParamsDict(dag.params).validate()
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("epochs", 0), ("epochs", 1.5), ("epochs", 51), ("eval_fraction", 1), ("eval_fraction", 0.01),
+     ("min_accuracy", 2), ("model_name", "bad name!"), ("model_name", ""), ("batch_size", 100),
+     ("max_tokens", 12345), ("text_col", "")],
+)
+def test_bad_param_values_are_rejected(dag, name, value):
     from airflow.sdk.definitions.param import ParamsDict
 
     params = ParamsDict(dag.params)
-    with pytest.raises(Exception, match="epochs|minimum"):
-        params["epochs"] = 0
+    with pytest.raises(Exception, match=name):
+        params[name] = value
         params.validate()
 
 

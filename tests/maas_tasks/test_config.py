@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from maas_tasks.config import ConfigError, load_settings
+from maas_tasks.config import ConfigError, check_model_name, load_settings
 
 
 def test_defaults(tmp_path):
@@ -47,3 +47,15 @@ def test_settings_are_read_at_call_time(monkeypatch, tmp_path):
 def test_malformed_values_name_the_variable(env, message, tmp_path):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_settings({"MAAS_HOME": str(tmp_path), **env})
+
+
+@pytest.mark.parametrize("name", ["sentiment", "reviews-v2", "a.b_c", "x" * 64])
+def test_valid_model_names(name):
+    assert check_model_name(name) == name
+    assert load_settings({"MAAS_MODEL_NAME": name}).model_name == name
+
+
+@pytest.mark.parametrize("name", ["bad name!", "-leading-dash", "x" * 65, "a/b"])
+def test_bad_model_names_say_what_a_name_may_hold(name):
+    with pytest.raises(ConfigError, match=r"MAAS_MODEL_NAME .* is not a valid model name: use 1 to 64 letters"):
+        load_settings({"MAAS_MODEL_NAME": name})
