@@ -12,6 +12,8 @@ import argparse
 import json
 import os
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,7 +21,6 @@ from typing import Any, Sequence
 from maas_tasks.config import ConfigError, Settings, load_settings, project_root
 
 DAG_ID = "maas_training"
-FAILURE_EVENTS = ("validation_failed", "promotion_failed")
 
 
 class CliError(RuntimeError):
@@ -59,36 +60,73 @@ def cmd_stack(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def parse_params(pairs: Sequence[str], defaults: dict[str, Any]) -> dict[str, Any]:
-    """Turn ``KEY=VALUE`` strings into DAG params typed like their defaults.
+def parse_params(pairs: Sequence[str], params: Any) -> dict[str, Any]:
+    """Turn ``KEY=VALUE`` strings into DAG params, typed and checked by the DAG's own param schemas.
+
+    Args:
+        params: the DAG's ``ParamsDict`` (names, defaults and JSON schemas).
 
     Raises:
-        CliError: a pair is malformed, names an unknown param, or has a value of the wrong type.
+        CliError: a pair is malformed, names an unknown param, or has a value its schema refuses.
     """
-    params: dict[str, Any] = {}
+    values: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         key = key.strip()
         if not sep or not key:
             raise CliError(f"--param {pair!r} is not KEY=VALUE (e.g. --param epochs=3)")
-        if key not in defaults:
-            raise CliError(f"--param {key!r} is not a parameter of {DAG_ID}; known: {', '.join(sorted(defaults))}")
-        default = defaults[key]
-        try:
-            if isinstance(default, bool):
-                if raw.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError(raw)
-                value: Any = raw.lower() in ("true", "1")
-            elif isinstance(default, int):
-                value = int(raw)
-            elif isinstance(default, float):
-                value = float(raw)
-            else:
-                value = raw
-        except ValueError:
-            raise CliError(f"--param {key}={raw!r}: expected a {type(default).__name__}") from None
-        params[key] = value
-    return params
+        if key not in params:
+            raise CliError(f"--param {key!r} is not a parameter of {DAG_ID}; known: {', '.join(sorted(params))}")
+        values[key] = check_param(params, key, raw, f"--param {key}")
+    return values
+
+
+def check_param(params: Any, key: str, raw: str, flag: str) -> Any:
+    """``raw`` converted to the type of param ``key``'s schema and checked against it.
+
+    Raises:
+        CliError: the value does not convert or the schema refuses it; the message states the param's limits.
+    """
+    import jsonschema
+
+    param = params.get_param(key)
+    schema = param.schema
+    types = schema.get("type") or type(param.value).__name__
+    types = [types] if isinstance(types, str) else list(types)
+    try:
+        value = _convert_param(raw, types)
+    except ValueError:
+        raise CliError(f"{flag}={raw!r}: expected {' or '.join(t for t in types if t != 'null')}") from None
+    try:
+        jsonschema.validate(value, schema)
+    except jsonschema.ValidationError as exc:
+        limits = f" ({param.description})" if param.description else ""
+        raise CliError(f"{flag}={raw!r}: {_explain(exc, value)}{limits}") from None
+    return value
+
+
+def _convert_param(raw: str, types: list[str]) -> Any:
+    if "null" in types and raw.strip().lower() in ("", "none", "null"):
+        return None
+    if "boolean" in types or "bool" in types:
+        if raw.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(raw)
+        return raw.lower() in ("true", "1")
+    if "integer" in types or "int" in types:
+        return int(raw)
+    if "number" in types or "float" in types:
+        return float(raw)
+    return raw
+
+
+def _explain(error: Any, value: Any) -> str:
+    """A jsonschema error in one sentence, without the schema dump jsonschema appends."""
+    if error.validator == "enum":
+        allowed = [v for v in error.validator_value if v is not None]
+        if len(allowed) > 10 and allowed == list(range(allowed[0], allowed[0] + len(allowed))):
+            return f"{value!r} is not a whole number from {allowed[0]} to {allowed[-1]}"
+        return f"{value!r} is not one of {', '.join(map(str, allowed))}"
+    return str(error.message)
 
 
 def _load_dag():
@@ -112,29 +150,53 @@ def _require_stack(settings: Settings, *, serving: bool = False) -> None:
         raise CliError("the model server of the local stack is not running: start it with `maas stack up`")
 
 
-def run_pipeline(settings: Settings, dag, conf: dict[str, Any]) -> dict[str, Any]:
-    """Run the training DAG once through ``dag.test()`` and summarise it from the registry."""
+def run_pipeline(
+    settings: Settings,
+    dag,
+    conf: dict[str, Any],
+    on_task_finished: Callable[[Any], None] | None = None,
+) -> dict[str, Any]:
+    """Run the training DAG once and summarise it from the registry.
+
+    When a live scheduler serves the DAG (e.g. ``maas stack up --airflow`` with the DAG unpaused), the run
+    is handed to it, as the UI's Trigger button does, and followed: two orchestrators on one run would
+    both execute its tasks. Otherwise it runs in this process through ``dag.test()``. Call it inside
+    ``maas_runs.route_run_logs``, which puts each task's log where the Airflow UI reads it and reports
+    the attempts run in this process; ``on_task_finished`` hears those the scheduler runs.
+    """
+    from maas_runs import run_in_process, run_on_scheduler, scheduler_serves  # plugins/ is on sys.path
+
     from maas_tasks.postgres import registry_dsn
     from maas_tasks.registry import Registry
 
-    dag_run = dag.test(run_conf=conf)
+    if scheduler_serves(dag.dag_id):
+        print(f"the Airflow scheduler serves {dag.dag_id}: it runs this run (you can follow it in the web UI too)")
+        result = run_on_scheduler(
+            dag.dag_id, conf, on_task_finished=on_task_finished, on_waiting=lambda note: print(note, flush=True)
+        )
+    else:
+        result = run_in_process(dag, conf)
     order = list(dag.task_ids)
     with Registry.connect(registry_dsn(settings)) as registry:
-        versions = [asdict(v) for v in registry.list_versions() if v.dag_run_id == dag_run.run_id]
-        failures = [
-            asdict(e)
-            for kind in FAILURE_EVENTS
-            for e in registry.list_events(kind=kind)
-            if (e.detail or {}).get("dag_run_id") == dag_run.run_id
-        ]
-    instances = sorted(dag_run.get_task_instances(), key=lambda ti: order.index(ti.task_id))
+        versions = [asdict(v) for v in registry.list_versions() if v.dag_run_id == result.run_id]
     return {
-        "run_id": dag_run.run_id,
-        "state": str(dag_run.state),
-        "tasks": {ti.task_id: str(ti.state) for ti in instances},
+        "run_id": result.run_id,
+        "state": result.state,
+        "tasks": dict(sorted(result.task_states.items(), key=lambda item: order.index(item[0]))),
         "version": versions[0] if versions else None,
-        "failures": failures,
+        "via_scheduler": result.via_scheduler,
     }
+
+
+def _print_task_outcome(outcome: Any) -> None:
+    error = f"  {_paragraph(outcome.error, 120)}" if outcome.error and outcome.state != "success" else ""
+    print(f"  {outcome.task_id:<16} {outcome.state:<13} {outcome.seconds:6.1f} s{error}", flush=True)
+
+
+def _paragraph(text: str, limit: int) -> str:
+    """``text`` on one line (a multi-line message's lines joined), cut at ``limit`` characters."""
+    line = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
@@ -147,37 +209,49 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         raise CliError(f"--data {args.data}: no such file")
     # Airflow reads its configuration when first imported: set it up before loading the DAG.
     os.environ.update(stack.airflow_environment(settings))
-    if args.quiet:
-        os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING")
-    dag = _load_dag()
-    conf = parse_params(args.param, dag.params.dump())
-    conf["data_path"] = str(data)
-    for key, value in (("model_name", args.model), ("text_col", args.text_col), ("label_col", args.label_col)):
-        if value:
-            conf[key] = value
-    conf.setdefault("model_name", settings.model_name)
-    print(f"running {DAG_ID} on {data} ...", flush=True)
-    summary = run_pipeline(settings, dag, conf)
+    import airflow  # noqa: F401 - configures Airflow's logging and puts plugins/ on sys.path
+
+    from maas_runs import route_run_logs
+
+    run_log = settings.home / "logs" / f"maas-run-{time.strftime('%Y%m%dT%H%M%S')}.log"
+    outcomes: list[Any] = []
+
+    def on_task_finished(outcome: Any) -> None:
+        outcomes.append(outcome)
+        if not args.quiet:
+            _print_task_outcome(outcome)
+
+    with route_run_logs(run_log, to_console=args.verbose, on_task_finished=on_task_finished):
+        dag = _load_dag()
+        conf = parse_params(args.param, dag.params)
+        conf["data_path"] = str(data)
+        for key, flag, value in (
+            ("model_name", "--model", args.model), ("text_col", "--text-col", args.text_col),
+            ("label_col", "--label-col", args.label_col),
+        ):
+            if value:
+                conf[key] = check_param(dag.params, key, value, flag)
+        conf.setdefault("model_name", settings.model_name)
+        print(f"running {DAG_ID} on {data} (Airflow's log: {run_log})", flush=True)
+        summary = run_pipeline(settings, dag, conf, on_task_finished=on_task_finished)
 
     print()
     print(f"run        {summary['run_id']}: {summary['state']}")
-    print("tasks      " + ", ".join(f"{t}={s.split('.')[-1]}" for t, s in summary["tasks"].items()))
+    print("tasks      " + ", ".join(f"{t}={s}" for t, s in summary["tasks"].items()))
     version = summary["version"]
     if version:
+        from maas_tasks.evaluate import format_metrics
+
         metrics = version.get("metrics") or {}
-        shown = ", ".join(
-            f"{k} {metrics[k]:.4f}" if isinstance(metrics.get(k), (int, float)) else f"{k} n/a"
-            for k in ("accuracy", "precision", "recall", "f1", "roc_auc", "log_loss", "ece")
-            if k in metrics
-        )
         print(f"version    {version['model_name']} v{version['version']} ({version['status']})")
-        print(f"metrics    {shown}")
+        print(f"metrics    {format_metrics(metrics)}")
         gate = metrics.get("gate") or {}
         print(f"gate       {'passed' if version['status'] != 'rejected' else 'rejected'}: {gate.get('reason', '')}")
         print(f"promoted   {'yes' if version['status'] == 'serving' else 'no'}")
-    for event in summary["failures"]:
-        print(f"error      {event['kind']}: {(event['detail'] or {}).get('message', '')}")
-    return 0 if "success" in summary["state"] else 1
+    for outcome in (o for o in outcomes if o.state == "failed"):
+        print(f"error      {outcome.task_id} failed: {_paragraph(outcome.error or 'see its log', 600)}")
+        print(f"           task log: {outcome.log_path}")
+    return 0 if summary["state"] == "success" else 1
 
 
 def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
@@ -231,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-col", help="text column (default: text)")
     p.add_argument("--label-col", help="label column (default: label)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="any DAG param, repeatable")
-    p.add_argument("--quiet", action="store_true", help="show only warnings and errors from Airflow's task logs")
+    p.add_argument("--quiet", action="store_true", help="print only the summary, not a line per task")
+    p.add_argument("--verbose", action="store_true", help="also stream Airflow's full log to the terminal")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("predict", help="classify texts with the served model")

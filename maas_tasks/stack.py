@@ -186,6 +186,8 @@ def airflow_environment(settings: Settings, base: dict[str, str] | None = None) 
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{api}/execution/",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
+        # TensorFlow's C++ INFO and WARNING lines say nothing about a run; its errors still show.
+        "TF_CPP_MIN_LOG_LEVEL": "2",
         "MAAS_HOME": str(settings.home),
     }
     for key, value in defaults.items():
@@ -261,26 +263,40 @@ def stop_model_server(settings: Settings) -> bool:
     return _stop_process(settings, SERVER_NAME)
 
 
-def start_airflow(settings: Settings) -> ProcessStatus:
+def start_airflow(settings: Settings, base_env: dict[str, str] | None = None) -> ProcessStatus:
     """Start ``airflow standalone`` in the background (idempotent) and wait for its API server."""
-    env = airflow_environment(settings)
+    env = airflow_environment(settings, base_env)
     status = _start_process(settings, AIRFLOW_NAME, [_venv_bin("airflow"), "standalone"], env)
     _wait_for_ports(settings, status, "127.0.0.1", [settings.airflow_port], 300.0)
     return status
 
 
-def airflow_login(settings: Settings) -> str:
-    """How to log in to the local Airflow UI (the simple auth manager generates the password)."""
-    env = airflow_environment(settings)
+def stop_airflow(settings: Settings) -> bool:
+    """Stop ``airflow standalone``; False when it was not running."""
+    return _stop_process(settings, AIRFLOW_NAME)
+
+
+def airflow_password(settings: Settings, base_env: dict[str, str] | None = None, wait: float = 30.0) -> str | None:
+    """The local Airflow UI's admin password, which the simple auth manager generates on first start."""
+    env = airflow_environment(settings, base_env)
     password_file = Path(env["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated"
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + wait
     while not password_file.exists() and time.monotonic() < deadline:
         time.sleep(0.5)
     try:
-        password = json.loads(password_file.read_text()).get("admin", "?")
+        return json.loads(password_file.read_text()).get("admin")
     except (OSError, ValueError):
-        return f"open http://127.0.0.1:{settings.airflow_port} and log in as admin; password in {password_file}"
-    return f"open http://127.0.0.1:{settings.airflow_port} and log in as admin / {password} (from {password_file})"
+        return None
+
+
+def airflow_login(settings: Settings) -> str:
+    """How to log in to the local Airflow UI."""
+    password = airflow_password(settings)
+    where = f"http://127.0.0.1:{settings.airflow_port}"
+    if password is None:
+        home = airflow_environment(settings)["AIRFLOW_HOME"]
+        return f"open {where} and log in as admin; the password is in {home}/simple_auth_manager_passwords.json.generated"
+    return f"open {where} and log in as admin / {password}"
 
 
 def stack_up(settings: Settings, *, with_airflow: bool = False, echo=print) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.request
@@ -81,6 +82,11 @@ def registry(e2e):
     return Registry.connect(e2e["settings"].registry_dsn)
 
 
+def task_log_events(path: Path) -> list[str]:
+    """The messages of a task log file as Airflow's log reader parses it (JSON lines)."""
+    return [json.loads(line)["event"] for line in path.read_text().splitlines() if line.strip()]
+
+
 def predict_grpc(e2e, texts: list[str]):
     import grpc
     import tensorflow as tf
@@ -112,6 +118,20 @@ def test_first_run_trains_registers_and_serves_version_1(e2e):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "sentiment v1 (serving)" in result.stdout
     assert "promoted   yes" in result.stdout
+    # Progress a line per task; Airflow's own log lines go to a file, not the terminal.
+    assert re.search(r"^  train_model +success +\d+\.\d s$", result.stdout, re.M)
+    assert "[DAG TEST]" not in result.stdout + result.stderr and "Filling up the DagBag" not in result.stdout
+    run_log = Path(re.search(r"Airflow's log: (\S+)\)", result.stdout).group(1))
+    assert "[DAG TEST] starting task_id=train_model" in run_log.read_text()
+
+    # The run's task logs are where the Airflow UI reads them, with training progress and the metrics.
+    run_id = re.search(r"^run +(\S+): success$", result.stdout, re.M).group(1)
+    logs = Path(e2e["env"]["AIRFLOW_HOME"]) / "logs" / "dag_id=maas_training" / f"run_id={run_id}"
+    events = {task: task_log_events(logs / f"task_id={task}" / "attempt=1.log") for task in ("train_model", "evaluate_model")}
+    assert [e for e in events["train_model"] if re.match(r"epoch \d/4: loss [\d.]+, accuracy", e)][-1].startswith("epoch 4/4")
+    assert any(e.startswith("trained on /CPU:0: ") for e in events["train_model"])
+    assert any(e.startswith("held-out metrics on ") for e in events["evaluate_model"])
+    assert any(e.startswith("gate passed: ") for e in events["evaluate_model"])
 
     with registry(e2e) as reg:
         v1 = reg.get_version("sentiment", 1)

@@ -7,12 +7,23 @@ import pytest
 from maas_tasks.cli import CliError, build_parser, main, parse_params
 from tests.fixtures.postgres import find_free_port
 
-DEFAULTS = {"epochs": 5, "min_accuracy": 0.7, "model_name": "sentiment", "shuffle": True}
+def make_params():
+    from airflow.sdk import Param
+    from airflow.sdk.definitions.param import ParamsDict
+
+    return ParamsDict({
+        "epochs": Param(5, type="integer", enum=list(range(1, 51)), description="A whole number from 1 to 50."),
+        "min_accuracy": Param(0.7, type="number", minimum=0, maximum=1, description="From 0 to 1."),
+        "model_name": Param(None, type=["null", "string"], pattern="^[a-z]+$", description="Lowercase letters."),
+        "batch_size": Param(64, type="integer", enum=[32, 64, 128]),
+        "shuffle": Param(True, type="boolean"),
+    })
 
 
-def test_parse_params_types_values_like_their_defaults():
-    params = parse_params(["epochs=3", "min_accuracy=0.85", "model_name=spam", "shuffle=false"], DEFAULTS)
+def test_parse_params_types_values_by_their_schema():
+    params = parse_params(["epochs=3", "min_accuracy=0.85", "model_name=spam", "shuffle=false"], make_params())
     assert params == {"epochs": 3, "min_accuracy": 0.85, "model_name": "spam", "shuffle": False}
+    assert parse_params(["model_name="], make_params()) == {"model_name": None}  # nullable: empty is None
 
 
 @pytest.mark.parametrize(
@@ -20,22 +31,28 @@ def test_parse_params_types_values_like_their_defaults():
     [
         ("epochs", "is not KEY=VALUE"),
         ("=3", "is not KEY=VALUE"),
-        ("epoch=3", "'epoch' is not a parameter of maas_training; known: epochs, min_accuracy"),
-        ("epochs=three", "expected a int"),
-        ("min_accuracy=high", "expected a float"),
-        ("shuffle=maybe", "expected a bool"),
+        ("epoch=3", "'epoch' is not a parameter of maas_training; known: batch_size, epochs, min_accuracy"),
+        ("epochs=three", "--param epochs='three': expected integer"),
+        ("min_accuracy=high", "expected number"),
+        ("shuffle=maybe", "expected boolean"),
+        # Out of the schema's limits: one sentence, then the param's own description of its limits.
+        ("epochs=0", r"--param epochs='0': 0 is not a whole number from 1 to 50 \(A whole number from 1 to 50.\)"),
+        ("batch_size=100", "100 is not one of 32, 64, 128"),
+        ("min_accuracy=2", r"2.0 is greater than the maximum of 1 \(From 0 to 1.\)"),
+        ("model_name=Bad Name", "does not match"),
     ],
 )
 def test_parse_params_rejects_bad_pairs(pair, message):
-    with pytest.raises(CliError, match=message):
-        parse_params([pair], DEFAULTS)
+    with pytest.raises(CliError, match=message) as raised:
+        parse_params([pair], make_params())
+    assert "Failed validating" not in str(raised.value)  # no jsonschema dump
 
 
 def test_parser_knows_every_command():
     parser = build_parser()
     assert parser.parse_args(["stack", "up", "--airflow"]).airflow is True
-    run = parser.parse_args(["run", "--data", "x.csv", "--text-col", "review", "--param", "epochs=2"])
-    assert (run.data, run.text_col, run.param) == ("x.csv", "review", ["epochs=2"])
+    run = parser.parse_args(["run", "--data", "x.csv", "--text-col", "review", "--param", "epochs=2", "--verbose"])
+    assert (run.data, run.text_col, run.param, run.verbose, run.quiet) == ("x.csv", "review", ["epochs=2"], True, False)
     assert parser.parse_args(["predict", "a", "b", "--grpc"]).text == ["a", "b"]
     assert parser.parse_args(["models", "--json"]).json is True
 
