@@ -12,15 +12,15 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 DEMO_TEXT_POS ?= A wonderful film: the acting was superb and the story moved me.
 DEMO_TEXT_NEG ?= A dull, boring mess. The plot made no sense and I want my money back.
 
-.PHONY: demo test bench install install-dev postgres-server stack-up stack-down clean
+.PHONY: demo test bench install install-dev postgres-server browser stack-up stack-down clean
 
 demo: install postgres-server
 	$(BIN)/maas stack up
-	$(BIN)/maas run --quiet
+	$(BIN)/maas run
 	$(BIN)/maas predict "$(DEMO_TEXT_POS)" "$(DEMO_TEXT_NEG)"
 	$(BIN)/maas predict --grpc "$(DEMO_TEXT_POS)" "$(DEMO_TEXT_NEG)"
 
-test: install-dev postgres-server
+test: install-dev postgres-server browser
 	$(BIN)/python -m pytest -ra
 
 bench: install
@@ -53,6 +53,19 @@ postgres-server:
 	  echo "The PostgreSQL server binaries (initdb, pg_ctl) are missing. Install them, then re-run:"; \
 	  echo "  Debian/Ubuntu: sudo apt-get install postgresql"; \
 	  echo "  Fedora/RHEL:   sudo dnf install postgresql-server"; \
+	  exit 1; \
+	fi
+
+# The Airflow UI tests drive the OS's Chromium through Playwright (no browser download).
+browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "Installing Chromium for the browser tests (Debian package chromium)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+	  echo "Chromium is missing; the Airflow UI tests need it. Install it, then re-run:"; \
+	  echo "  Debian: sudo apt-get install chromium     Ubuntu: sudo apt-get install chromium-browser"; \
+	  echo "  Fedora/RHEL: sudo dnf install chromium"; \
 	  exit 1; \
 	fi
 
