@@ -18,8 +18,10 @@ DEFAULT_REST_PORT = 8501
 DEFAULT_PG_PORT = 54320
 DEFAULT_AIRFLOW_PORT = 8080
 DEVICE_CHOICES = ("auto", "cpu", "gpu")
+# The model servers serve a model's canary as "<name>__canary" (serving.sync): names ending so are taken.
+RESERVED_MODEL_SUFFIX = "__canary"
 # A model name is a directory on the serving volume and a key prefix in the store: keep it portable.
-MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+MODEL_NAME_PATTERN = rf"^(?!.*{RESERVED_MODEL_SUFFIX}$)[A-Za-z0-9][A-Za-z0-9_.-]{{0,63}}$"
 
 
 class ConfigError(ValueError):
@@ -46,6 +48,7 @@ class Settings:
     serving_config: Path
     airflow_port: int
     device: str
+    node_id: str | None = "local"
 
     @property
     def grpc_target(self) -> str:
@@ -54,6 +57,18 @@ class Settings:
     @property
     def rest_url(self) -> str:
         return f"http://{self.serving_host}:{self.rest_port}"
+
+
+def settings_environment(settings: Settings) -> dict[str, str]:
+    """The ``MAAS_*`` variables that make :func:`load_settings` return ``settings`` in a child process."""
+    from dataclasses import fields
+
+    env = {}
+    for field in fields(settings):
+        value = getattr(settings, field.name)
+        if value is not None or field.name == "node_id":
+            env[f"MAAS_{field.name.upper()}"] = "" if value is None else str(value)
+    return env
 
 
 def project_root() -> Path:
@@ -87,6 +102,11 @@ def check_model_name(name: str, source: str = "model name") -> str:
     Raises:
         ConfigError: it is not; the message says what ``source`` (e.g. ``MAAS_MODEL_NAME``) must look like.
     """
+    if name.endswith(RESERVED_MODEL_SUFFIX):
+        raise ConfigError(
+            f"{source} {name!r} ends with {RESERVED_MODEL_SUFFIX!r}, which the model servers use for canaries; "
+            "choose another name"
+        )
     if not re.fullmatch(MODEL_NAME_PATTERN, name):
         raise ConfigError(
             f"{source} {name!r} is not a valid model name: use 1 to 64 letters, digits, '.', '_' or '-', "
@@ -135,4 +155,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         serving_config=serving_config,
         airflow_port=_int_setting(env, "MAAS_AIRFLOW_PORT", DEFAULT_AIRFLOW_PORT),
         device=device,
+        # The serving node this machine manages (its agent reconciles it); empty: none (e.g. an Airflow
+        # worker in compose, where each model server has its own sync sidecar).
+        node_id=env.get("MAAS_NODE_ID", "local").strip() or None,
     )

@@ -1,11 +1,18 @@
-"""The model registry: which data snapshots exist, which model versions were trained from them,
-which one is serving, and an append-only log of every change.
+"""The model registry: which data snapshots exist, which model versions were trained from them, the
+desired serving state of each model, what each serving node observed, and an append-only log of every
+change.
 
 It lives in PostgreSQL (the stack's private cluster, or MAAS_REGISTRY_DSN) so that concurrent
 DAG runs get race-free guarantees from the database rather than from Python: version numbers
 come from a per-model counter row updated in the same transaction as the version row (no
 duplicates, no gaps, even on rollback), at most one version per model is serving (a partial
 unique index), and the event log rejects UPDATE, DELETE and TRUNCATE (a trigger).
+
+The desired serving state (:class:`ServingTarget`: the ``stable`` version, an optional ``canary``
+under verification, the ``previous`` stable kept loaded for a grace period) changes only by
+compare-and-set: each change names the state it expects, bumps the target's generation, moves the
+versions' statuses and appends its events in one transaction, and notifies the serving nodes'
+agents on the ``maas_serving`` channel (PostgreSQL LISTEN/NOTIFY).
 
 The schema is versioned SQL in ``maas_tasks/migrations/NNNN_name.sql``, applied in order by
 :func:`migrate` under a transaction-level advisory lock so concurrent starters do not race.
@@ -27,15 +34,21 @@ import psycopg2.extensions
 from psycopg2 import errors as pg_errors
 from psycopg2.extras import Json
 
-STATUSES = ("candidate", "rejected", "serving", "retired")
+STATUSES = ("candidate", "rejected", "serving", "retired", "superseded")
 INITIAL_STATUSES = ("candidate", "rejected")
-# Where each status may go. Retired -> serving is a rollback to an earlier version; rejected is final.
+# Where each status may go. Retired -> serving is a rollback to an earlier version; a superseded candidate
+# (its champion changed before it was promoted) may still be rolled to on purpose; rejected is final.
 TRANSITIONS: dict[str, frozenset[str]] = {
-    "candidate": frozenset({"rejected", "serving"}),
+    "candidate": frozenset({"rejected", "serving", "superseded"}),
     "serving": frozenset({"retired"}),
     "retired": frozenset({"serving"}),
+    "superseded": frozenset({"serving"}),
     "rejected": frozenset(),
 }
+# Versions that may be put in front of users (as canary, then stable): passed the gate and exported.
+SERVABLE_STATUSES = ("candidate", "serving", "retired", "superseded")
+# PostgreSQL NOTIFY channel on which every desired-state change is announced (payload: the model name).
+SERVING_CHANNEL = "maas_serving"
 # The key of the migration advisory lock, shared by every MaaS process: the bytes of "maasreg1".
 MIGRATION_LOCK_KEY = 0x6D61617372656731
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
@@ -55,6 +68,25 @@ class VersionNotFound(RegistryError, LookupError):
 
 class IllegalTransition(RegistryError, ValueError):
     """A status change the model lifecycle does not allow (e.g. serving a rejected version)."""
+
+
+class DesiredStateConflict(RegistryError):
+    """A compare-and-set of a model's desired serving state found another state than it expected.
+
+    ``target`` is the state found.
+    """
+
+    def __init__(self, message: str, target: ServingTarget) -> None:
+        super().__init__(message)
+        self.target = target
+
+
+class ChampionChanged(DesiredStateConflict):
+    """The stable version is no longer the one a promotion was gated against."""
+
+
+class CanaryBusy(DesiredStateConflict):
+    """Another version holds the canary slot (its promotion is still within its lease)."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +129,32 @@ class ModelVersion:
     dag_run_id: str | None
     created_at: datetime
     updated_at: datetime
+    pinned: bool = False
+
+
+@dataclass(frozen=True)
+class ServingTarget:
+    """The desired serving state of one model: what every node must serve (see the module docstring)."""
+
+    model_name: str
+    stable: int | None
+    canary: int | None
+    canary_until: datetime | None
+    previous: int | None
+    previous_until: datetime | None
+    generation: int
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class ServingNode:
+    """A model server known to the registry and what its agent last observed."""
+
+    node_id: str
+    grpc_target: str
+    rest_url: str | None
+    last_seen: datetime
+    report: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -388,13 +446,22 @@ class Registry:
                 raise VersionNotFound(f"{model_name} version {version} is not in the registry")
             self._insert_event(cur, "artifact_set", model_name, version, {"artifact_uri": uri})
 
-    def mark_serving(self, model_name: str, version: int, detail: dict[str, Any] | None = None) -> int | None:
-        """Make ``version`` the serving one; the previous serving version becomes retired.
+    def mark_serving(
+        self,
+        model_name: str,
+        version: int,
+        detail: dict[str, Any] | None = None,
+        *,
+        grace_seconds: float = 0.0,
+    ) -> int | None:
+        """Make ``version`` the stable one at once, without a canary phase; the stable version before it
+        becomes retired (and ``previous``, kept loaded for ``grace_seconds``).
 
-        Both changes and their events commit together. Marking the serving version again is a no-op.
+        The promotion protocol goes through :meth:`begin_canary` and :meth:`commit_canary`; this is the
+        direct move, for a model's bootstrap and for tests. Marking the stable version again is a no-op.
 
         Returns:
-            The version that was serving before (None if none, or if ``version`` already was).
+            The version that was stable before (None if none, or if ``version`` already was).
 
         Raises:
             VersionNotFound: no such version.
@@ -402,28 +469,284 @@ class Registry:
         """
         with self._transaction() as cur:
             current = self._lock_model(cur, model_name, version)
-            if current == "serving":
+            target = self._lock_target(cur, model_name)
+            if current == "serving" and target.stable == version:
                 return None
             _check_transition(model_name, version, current, "serving")
-            cur.execute(
-                "UPDATE model_versions SET status = 'retired' WHERE model_name = %s AND status = 'serving'"
-                " RETURNING version",
-                (model_name,),
-            )
-            previous = cur.fetchone()
-            previous_version = previous[0] if previous else None
-            if previous_version is not None:
+            self._move_stable(cur, target, version, current, grace_seconds, detail)
+        return target.stable
+
+    def begin_canary(
+        self,
+        model_name: str,
+        version: int,
+        *,
+        expected_stable: int | None,
+        lease_seconds: float,
+        detail: dict[str, Any] | None = None,
+    ) -> ServingTarget:
+        """Put ``version`` in the canary slot, if the stable version is still ``expected_stable``.
+
+        A retry of the same promotion (the slot already holds ``version``) renews the lease. A slot held by
+        another version past its lease is taken over (that promotion was abandoned).
+
+        Returns:
+            The new desired state.
+
+        Raises:
+            ChampionChanged: the stable version is not ``expected_stable`` (the promotion is superseded).
+            CanaryBusy: another version holds the slot within its lease.
+            IllegalTransition: ``version`` cannot be served (rejected, or never exported).
+        """
+        with self._transaction() as cur:
+            status = self._lock_model(cur, model_name, version)
+            self._check_servable(cur, model_name, version, status)
+            target = self._lock_target(cur, model_name)
+            if target.stable != expected_stable:
+                raise ChampionChanged(
+                    f"{model_name}: stable is v{target.stable}, not v{expected_stable} as when v{version} was gated",
+                    target,
+                )
+            if target.canary not in (None, version):
+                cur.execute("SELECT %s < now()", (target.canary_until,))
+                if not cur.fetchone()[0]:
+                    raise CanaryBusy(
+                        f"{model_name}: v{target.canary} holds the canary slot until {target.canary_until:%H:%M:%S}",
+                        target,
+                    )
                 self._insert_event(
-                    cur, "retired", model_name, previous_version, {"from": "serving", "replaced_by": version}
+                    cur, "canary_expired", model_name, target.canary,
+                    {"lease_until": target.canary_until.isoformat(), "taken_over_by": version},
                 )
             cur.execute(
-                "UPDATE model_versions SET status = 'serving' WHERE model_name = %s AND version = %s",
+                "UPDATE serving_targets SET canary = %s, canary_until = now() + make_interval(secs => %s),"
+                " generation = generation + 1, updated_at = now() WHERE model_name = %s",
+                (version, lease_seconds, model_name),
+            )
+            new = self._lock_target(cur, model_name)
+            self._insert_event(
+                cur, "canary", model_name, version,
+                {"stable": target.stable, "lease_until": new.canary_until.isoformat(), "generation": new.generation,
+                 **(detail or {})},
+            )
+            self._notify(cur, model_name)
+        return new
+
+    def commit_canary(
+        self,
+        model_name: str,
+        version: int,
+        *,
+        expected_stable: int | None,
+        grace_seconds: float,
+        detail: dict[str, Any] | None = None,
+    ) -> ServingTarget:
+        """Make the canary ``version`` stable, if it still holds the slot and stable is ``expected_stable``.
+
+        In one transaction: stable := ``version``, previous := the old stable (loaded until the grace ends),
+        the canary slot is freed, ``version`` becomes serving and the old stable retired, with their events.
+
+        Raises:
+            ChampionChanged: the stable version changed since the canary phase began.
+            CanaryBusy: ``version`` no longer holds the canary slot (its lease expired and it was taken).
+        """
+        with self._transaction() as cur:
+            status = self._lock_model(cur, model_name, version)
+            target = self._lock_target(cur, model_name)
+            if target.stable != expected_stable:
+                raise ChampionChanged(
+                    f"{model_name}: stable is v{target.stable}, not v{expected_stable} as when v{version} was gated",
+                    target,
+                )
+            if target.canary != version:
+                raise CanaryBusy(f"{model_name}: v{version} no longer holds the canary slot", target)
+            _check_transition(model_name, version, status, "serving")
+            new = self._move_stable(cur, target, version, status, grace_seconds, detail)
+        return new
+
+    def abort_canary(self, model_name: str, version: int, reason: str, detail: dict[str, Any] | None = None) -> bool:
+        """Free the canary slot if ``version`` holds it, recording why; False when it did not hold it."""
+        with self._transaction() as cur:
+            cur.execute("SELECT 1 FROM model_counters WHERE model_name = %s FOR UPDATE", (model_name,))
+            target = self._lock_target(cur, model_name)
+            if target.canary != version:
+                return False
+            self._clear_canary(cur, target, "canary_aborted", {"reason": reason, **(detail or {})})
+        return True
+
+    def expire_canaries(self) -> list[tuple[str, int]]:
+        """Free every canary slot whose lease has run out (its promotion died or stalled), with an event each.
+
+        Returns:
+            The (model, version) pairs freed.
+        """
+        with self._transaction() as cur:
+            cur.execute("SELECT model_name FROM serving_targets WHERE canary_until < now() ORDER BY model_name")
+            names = [row[0] for row in cur.fetchall()]
+            freed = []
+            for name in names:
+                cur.execute("SELECT 1 FROM model_counters WHERE model_name = %s FOR UPDATE", (name,))
+                target = self._lock_target(cur, name)
+                cur.execute("SELECT %s < now()", (target.canary_until,))
+                if target.canary is not None and cur.fetchone()[0]:
+                    self._clear_canary(
+                        cur, target, "canary_expired",
+                        {"lease_until": target.canary_until.isoformat(), "reason": "its promotion did not finish"},
+                    )
+                    freed.append((name, target.canary))
+        return freed
+
+    def revert_stable(self, model_name: str, version: int, *, to: int | None, reason: str) -> bool:
+        """Move stable back from ``version`` to ``to`` after ``version`` failed on the nodes.
+
+        ``version`` becomes retired and ``to`` serving again (with ``to`` None, the model's first promotion
+        is undone: nothing is stable). Returns False (and changes nothing) when ``version`` is no longer
+        the stable one.
+        """
+        with self._transaction() as cur:
+            if to is None:
+                self._lock_model(cur, model_name, version)
+            else:
+                status = self._lock_model(cur, model_name, to)
+            target = self._lock_target(cur, model_name)
+            if target.stable != version:
+                return False
+            detail = {"reverted_from": version, "reason": reason}
+            if to is not None:
+                _check_transition(model_name, to, status, "serving")
+                self._move_stable(cur, target, to, status, 0.0, detail)
+                return True
+            cur.execute(
+                "UPDATE serving_targets SET stable = NULL, previous = NULL, previous_until = NULL,"
+                " generation = generation + 1, updated_at = now() WHERE model_name = %s",
+                (model_name,),
+            )
+            cur.execute(
+                "UPDATE model_versions SET status = 'retired' WHERE model_name = %s AND version = %s",
                 (model_name, version),
             )
-            self._insert_event(
-                cur, "serving", model_name, version, {"from": current, "replaces": previous_version, **(detail or {})}
+            self._insert_event(cur, "retired", model_name, version, {"from": "serving", **detail})
+            self._notify(cur, model_name)
+        return True
+
+    def mark_superseded(self, model_name: str, version: int, detail: dict[str, Any] | None = None) -> None:
+        """Record that a candidate's champion changed before it could be promoted (no-op if already so)."""
+        self.set_status(model_name, version, "superseded", detail)
+
+    def set_pinned(self, model_name: str, version: int, pinned: bool) -> None:
+        """Pin a version (never pruned from serving volumes) or unpin it."""
+        with self._transaction() as cur:
+            self._lock_model(cur, model_name, version)
+            cur.execute(
+                "UPDATE model_versions SET pinned = %s WHERE model_name = %s AND version = %s",
+                (pinned, model_name, version),
             )
-        return previous_version
+            self._insert_event(cur, "pinned" if pinned else "unpinned", model_name, version)
+
+    def serving_target(self, model_name: str) -> ServingTarget | None:
+        """The desired serving state of ``model_name``, or None before anything was put in front of users."""
+        targets = self._select_targets("WHERE model_name = %s", (model_name,))
+        return targets[0] if targets else None
+
+    def serving_targets(self) -> list[ServingTarget]:
+        """The desired serving state of every model, by name."""
+        return self._select_targets("", ())
+
+    def _select_targets(self, where: str, params: tuple[Any, ...]) -> list[ServingTarget]:
+        with self._transaction() as cur:
+            cur.execute(
+                "SELECT model_name, stable, canary, canary_until, previous, previous_until, generation, updated_at"
+                f" FROM serving_targets {where} ORDER BY model_name",
+                params,
+            )
+            return [ServingTarget(*row) for row in cur.fetchall()]
+
+    def report_node(self, node_id: str, *, grpc_target: str, rest_url: str | None, report: dict[str, Any]) -> None:
+        """Record what a serving node's agent observed (registering the node on its first report)."""
+        with self._transaction() as cur:
+            cur.execute(
+                "INSERT INTO serving_nodes (node_id, grpc_target, rest_url, last_seen, report)"
+                " VALUES (%s, %s, %s, now(), %s) ON CONFLICT (node_id) DO UPDATE SET grpc_target = EXCLUDED.grpc_target,"
+                " rest_url = EXCLUDED.rest_url, last_seen = now(), report = EXCLUDED.report",
+                (node_id, grpc_target, rest_url, Json(report)),
+            )
+
+    def serving_nodes(self, *, seen_within: float | None = None) -> list[ServingNode]:
+        """The known serving nodes, optionally only those that reported within ``seen_within`` seconds."""
+        clause, params = ("WHERE last_seen > now() - make_interval(secs => %s)", (seen_within,)) if seen_within else ("", ())
+        with self._transaction() as cur:
+            cur.execute(
+                f"SELECT node_id, grpc_target, rest_url, last_seen, report FROM serving_nodes {clause} ORDER BY node_id",
+                params,
+            )
+            return [ServingNode(*row) for row in cur.fetchall()]
+
+    def _lock_target(self, cur: psycopg2.extensions.cursor, model_name: str) -> ServingTarget:
+        """The model's desired state, locked for update (created empty on first use)."""
+        cur.execute("INSERT INTO serving_targets (model_name) VALUES (%s) ON CONFLICT DO NOTHING", (model_name,))
+        cur.execute(
+            "SELECT model_name, stable, canary, canary_until, previous, previous_until, generation, updated_at"
+            " FROM serving_targets WHERE model_name = %s FOR UPDATE",
+            (model_name,),
+        )
+        return ServingTarget(*cur.fetchone())
+
+    def _check_servable(self, cur: psycopg2.extensions.cursor, model_name: str, version: int, status: str) -> None:
+        if status not in SERVABLE_STATUSES:
+            raise IllegalTransition(f"{model_name} v{version} is {status}; only a version that passed the gate can be served")
+        cur.execute(
+            "SELECT artifact_uri FROM model_versions WHERE model_name = %s AND version = %s", (model_name, version)
+        )
+        if cur.fetchone()[0] is None:
+            raise IllegalTransition(f"{model_name} v{version} has no exported artifact; export it first")
+
+    def _move_stable(
+        self,
+        cur: psycopg2.extensions.cursor,
+        target: ServingTarget,
+        version: int,
+        status: str,
+        grace_seconds: float,
+        detail: dict[str, Any] | None,
+    ) -> ServingTarget:
+        """stable := ``version`` with the statuses and events that go with it (the caller holds the locks)."""
+        name, old = target.model_name, target.stable
+        cur.execute(
+            "UPDATE serving_targets SET stable = %s, canary = NULL, canary_until = NULL, previous = %s,"
+            " previous_until = CASE WHEN %s::integer IS NULL THEN NULL ELSE now() + make_interval(secs => %s) END,"
+            " generation = generation + 1, updated_at = now() WHERE model_name = %s",
+            (version, old, old, grace_seconds, name),
+        )
+        cur.execute(
+            "UPDATE model_versions SET status = 'retired' WHERE model_name = %s AND status = 'serving' RETURNING version",
+            (name,),
+        )
+        for (retired,) in cur.fetchall():
+            self._insert_event(cur, "retired", name, retired, {"from": "serving", "replaced_by": version})
+        cur.execute("UPDATE model_versions SET status = 'serving' WHERE model_name = %s AND version = %s", (name, version))
+        new = self._lock_target(cur, name)
+        self._insert_event(
+            cur, "serving", name, version,
+            {"from": status, "replaces": old, "generation": new.generation, **(detail or {})},
+        )
+        self._notify(cur, name)
+        return new
+
+    def _clear_canary(self, cur: psycopg2.extensions.cursor, target: ServingTarget, kind: str, detail: dict[str, Any]) -> None:
+        cur.execute(
+            "UPDATE serving_targets SET canary = NULL, canary_until = NULL, generation = generation + 1,"
+            " updated_at = now() WHERE model_name = %s",
+            (target.model_name,),
+        )
+        self._insert_event(
+            cur, kind, target.model_name, target.canary, {"stable": target.stable, "generation": target.generation + 1, **detail}
+        )
+        self._notify(cur, target.model_name)
+
+    @staticmethod
+    def _notify(cur: psycopg2.extensions.cursor, model_name: str) -> None:
+        # Delivered at commit: the agents of the serving nodes wake up and reconcile.
+        cur.execute("SELECT pg_notify(%s, %s)", (SERVING_CHANNEL, model_name))
 
     def set_status(
         self, model_name: str, version: int, status: str, detail: dict[str, Any] | None = None
@@ -446,6 +769,11 @@ class Registry:
             if current == status:
                 return
             _check_transition(model_name, version, current, status)
+            if current == "serving":
+                raise IllegalTransition(
+                    f"{model_name} v{version} is the stable version; make another version stable instead "
+                    "(maas rollback --to VERSION), which retires it"
+                )
             cur.execute(
                 "UPDATE model_versions SET status = %s WHERE model_name = %s AND version = %s",
                 (status, model_name, version),
@@ -479,7 +807,7 @@ class Registry:
         with self._transaction() as cur:
             cur.execute(
                 "SELECT model_name, version, status, metrics, artifact_uri, snapshot_id, dag_run_id, created_at,"
-                f" updated_at FROM model_versions {where} ORDER BY model_name, version",
+                f" updated_at, pinned FROM model_versions {where} ORDER BY model_name, version",
                 params,
             )
             return [ModelVersion(*row) for row in cur.fetchall()]

@@ -37,6 +37,10 @@ class ObjectNotFound(StoreError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class CorruptArtifact(StoreError):
+    """A stored file differs from its tree's manifest: the artifact must be published again."""
+
+
 class Store(Protocol):
     """What every backend provides. ``key`` arguments are relative, ``/``-separated paths."""
 
@@ -337,8 +341,8 @@ def download_tree(store: Store, prefix: str, local_dir: Path) -> dict[str, dict]
     """Download a published tree into ``local_dir`` and verify every file against the manifest.
 
     Raises:
-        ObjectNotFound: no manifest at ``prefix``.
-        StoreError: a file is missing or its size or checksum differs from the manifest.
+        ObjectNotFound: no manifest at ``prefix``, or a file it lists is missing.
+        CorruptArtifact: a file's size or checksum differs from the manifest.
     """
     prefix = check_key(prefix)
     files = read_manifest(store, prefix)
@@ -347,7 +351,7 @@ def download_tree(store: Store, prefix: str, local_dir: Path) -> dict[str, dict]
         target = local_dir / check_key(rel)
         store.get_file(f"{prefix}/{rel}", target)
         if target.stat().st_size != meta["size"] or sha256_file(target) != meta["sha256"]:
-            raise StoreError(
+            raise CorruptArtifact(
                 f"{store.uri(prefix + '/' + rel)} does not match its manifest (size or sha256 differs); "
                 "the stored artifact is corrupt: re-run the export"
             )

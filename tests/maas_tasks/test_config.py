@@ -59,3 +59,12 @@ def test_valid_model_names(name):
 def test_bad_model_names_say_what_a_name_may_hold(name):
     with pytest.raises(ConfigError, match=r"MAAS_MODEL_NAME .* is not a valid model name: use 1 to 64 letters"):
         load_settings({"MAAS_MODEL_NAME": name})
+
+
+def test_settings_survive_the_trip_through_a_child_process_environment(tmp_path):
+    from maas_tasks.config import settings_environment
+
+    settings = load_settings({"MAAS_HOME": str(tmp_path), "MAAS_GRPC_PORT": "9500", "MAAS_NODE_ID": "",
+                              "MAAS_S3_ENDPOINT": "http://127.0.0.1:9000"})
+    assert load_settings(settings_environment(settings)) == settings
+    assert load_settings(settings_environment(load_settings({"MAAS_HOME": str(tmp_path)}))).node_id == "local"

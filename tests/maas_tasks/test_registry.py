@@ -175,7 +175,7 @@ def test_mark_serving_retires_the_previous_version(registry):
     }
     last_two = registry.list_events(model_name="sentiment", limit=2)
     assert [(e.kind, e.version) for e in last_two] == [("retired", 1), ("serving", 2)]
-    assert last_two[1].detail == {"from": "candidate", "replaces": 1}
+    assert last_two[1].detail == {"from": "candidate", "replaces": 1, "generation": 3}
 
     events_before = len(registry.list_events())
     assert registry.mark_serving("sentiment", 2) is None
@@ -280,3 +280,143 @@ def test_wrong_password_is_reported_without_the_password(pg_cluster):
         Registry(dsn)
     assert "password authentication failed" in str(caught.value)
     assert "wr0ng-pass" not in str(caught.value)
+
+
+def _exported(registry, model="sentiment") -> int:
+    version = registry.register_version(model)
+    registry.set_artifact(model, version, f"file:///store/models/{model}/{version}")
+    return version
+
+
+def test_the_desired_state_moves_through_canary_and_commit(registry):
+    v1, v2 = _exported(registry), _exported(registry)
+    assert registry.serving_target("sentiment") is None
+    registry.mark_serving("sentiment", v1)
+    start = registry.serving_target("sentiment")
+    assert (start.stable, start.canary, start.previous) == (v1, None, None)
+    canary = registry.begin_canary("sentiment", v2, expected_stable=v1, lease_seconds=60)
+    assert (canary.stable, canary.canary, canary.generation) == (v1, v2, start.generation + 1)
+    assert canary.canary_until is not None
+    assert registry.begin_canary("sentiment", v2, expected_stable=v1, lease_seconds=60).canary == v2  # a retry
+    committed = registry.commit_canary("sentiment", v2, expected_stable=v1, grace_seconds=300)
+    assert (committed.stable, committed.canary, committed.previous) == (v2, None, v1)
+    assert committed.previous_until > committed.updated_at
+    assert {v.version: v.status for v in registry.list_versions("sentiment")} == {v1: "retired", v2: "serving"}
+    assert [e.kind for e in registry.list_events(model_name="sentiment")][-4:] == ["canary", "canary", "retired", "serving"]
+
+
+def test_compare_and_set_refuses_a_stale_champion_and_a_busy_slot(registry):
+    from maas_tasks.registry import CanaryBusy, ChampionChanged
+
+    v1, v2, v3 = _exported(registry), _exported(registry), _exported(registry)
+    registry.mark_serving("sentiment", v1)
+    with pytest.raises(ChampionChanged, match=f"stable is v{v1}, not vNone") as stale:
+        registry.begin_canary("sentiment", v2, expected_stable=None, lease_seconds=60)
+    assert stale.value.target.stable == v1
+    registry.begin_canary("sentiment", v2, expected_stable=v1, lease_seconds=60)
+    with pytest.raises(CanaryBusy, match=f"v{v2} holds the canary slot"):
+        registry.begin_canary("sentiment", v3, expected_stable=v1, lease_seconds=60)
+    registry.mark_serving("sentiment", v3)  # someone else moved stable meanwhile
+    with pytest.raises(ChampionChanged):
+        registry.commit_canary("sentiment", v2, expected_stable=v1, grace_seconds=0)
+    assert registry.get_version("sentiment", v2).status == "candidate"
+    rejected = registry.register_version("sentiment", status="rejected")
+    with pytest.raises(IllegalTransition, match="only a version that passed the gate"):
+        registry.begin_canary("sentiment", rejected, expected_stable=v3, lease_seconds=60)
+    unexported = registry.register_version("sentiment")
+    with pytest.raises(IllegalTransition, match="has no exported artifact"):
+        registry.begin_canary("sentiment", unexported, expected_stable=v3, lease_seconds=60)
+
+
+def test_an_expired_canary_is_freed_or_taken_over(registry):
+    import time
+
+    v1, v2, v3 = _exported(registry), _exported(registry), _exported(registry)
+    registry.mark_serving("sentiment", v1)
+    registry.begin_canary("sentiment", v2, expected_stable=v1, lease_seconds=0.2)
+    time.sleep(0.4)
+    assert registry.begin_canary("sentiment", v3, expected_stable=v1, lease_seconds=60).canary == v3
+    assert registry.list_events(model_name="sentiment", version=v2)[-1].detail["taken_over_by"] == v3
+    registry.abort_canary("sentiment", v3, "golden mismatch")
+    registry.begin_canary("sentiment", v2, expected_stable=v1, lease_seconds=0.2)
+    assert registry.expire_canaries() == []
+    time.sleep(0.4)
+    assert registry.expire_canaries() == [("sentiment", v2)]
+    assert registry.serving_target("sentiment").canary is None
+    assert registry.abort_canary("sentiment", v2, "too late") is False
+
+
+def test_revert_stable_and_superseded(registry):
+    v1, v2, v3 = _exported(registry), _exported(registry), _exported(registry)
+    registry.mark_serving("sentiment", v1)
+    registry.mark_serving("sentiment", v2)
+    assert registry.revert_stable("sentiment", v2, to=v1, reason="node n1 failed to load it") is True
+    assert registry.serving_target("sentiment").stable == v1
+    assert registry.get_version("sentiment", v2).status == "retired"
+    assert registry.list_events(model_name="sentiment", version=v1)[-1].detail["reverted_from"] == v2
+    assert registry.revert_stable("sentiment", v2, to=v1, reason="again") is False
+    first = _exported(registry, "fresh")
+    registry.mark_serving("fresh", first)
+    assert registry.revert_stable("fresh", first, to=None, reason="its first promotion failed on the nodes")
+    assert registry.serving_target("fresh").stable is None and registry.get_version("fresh", first).status == "retired"
+    registry.mark_superseded("sentiment", v3, {"gated_against": None})
+    assert registry.get_version("sentiment", v3).status == "superseded"
+    registry.mark_serving("sentiment", v3)  # rolled to on purpose
+    assert registry.serving_version("sentiment") == v3
+
+
+def test_the_stable_version_is_retired_only_by_replacing_it(registry):
+    v1 = _exported(registry)
+    registry.mark_serving("sentiment", v1)
+    with pytest.raises(IllegalTransition, match="is the stable version"):
+        registry.set_status("sentiment", v1, "retired")
+
+
+def test_nodes_report_what_they_observed(registry):
+    registry.report_node("n1", grpc_target="h:8500", rest_url="http://h:8501", report={"models": {}})
+    registry.report_node("n1", grpc_target="h:8500", rest_url=None, report={"models": {"m": {"generation": 2}}})
+    [node] = registry.serving_nodes(seen_within=60)
+    assert (node.node_id, node.rest_url, node.report) == ("n1", None, {"models": {"m": {"generation": 2}}})
+    with registry._transaction() as cur:
+        cur.execute("UPDATE serving_nodes SET last_seen = now() - interval '1 hour'")
+    assert registry.serving_nodes(seen_within=60) == [] and len(registry.serving_nodes()) == 1
+
+
+def test_pinning_is_recorded(registry):
+    v1 = _exported(registry)
+    registry.set_pinned("sentiment", v1, True)
+    assert registry.get_version("sentiment", v1).pinned is True
+    assert registry.list_events(model_name="sentiment", version=v1)[-1].kind == "pinned"
+
+
+def test_a_desired_state_change_notifies_the_agents(registry, pg_dsn):
+    import select
+
+    from maas_tasks.registry import SERVING_CHANNEL
+
+    listener = psycopg2.connect(pg_dsn)
+    listener.autocommit = True
+    listener.cursor().execute(f"LISTEN {SERVING_CHANNEL}")
+    try:
+        registry.mark_serving("sentiment", _exported(registry))
+        assert select.select([listener], [], [], 5)[0]
+        listener.poll()
+        assert [n.payload for n in listener.notifies] == ["sentiment"]
+    finally:
+        listener.close()
+
+
+def test_the_serving_state_migration_keeps_what_served_before(pg_dsn):
+    conn = psycopg2.connect(pg_dsn)
+    try:
+        migrate(conn, [m for m in load_migrations() if m.version < 3])
+        with conn, conn.cursor() as cur:
+            cur.execute("INSERT INTO model_counters VALUES ('old', 2)")
+            cur.execute("INSERT INTO model_versions (model_name, version, status) VALUES ('old', 1, 'retired'),"
+                        " ('old', 2, 'serving')")
+        assert 3 in migrate(conn)
+    finally:
+        conn.close()
+    with Registry.connect(pg_dsn) as registry:
+        target = registry.serving_target("old")
+        assert (target.stable, target.canary, target.previous) == (2, None, None)
