@@ -15,6 +15,9 @@ work unchanged against either server:
   old version stays up while no aspired version is available (e.g. the new one failed to load).
 - ``HandleReloadConfigRequest`` applies a new ``ModelServerConfig`` in memory (nothing is
   rewritten on disk) and fails only when a model new to the server has no available version.
+- Unlike ``tensorflow_model_server``, the server starts even when a configured version fails to load:
+  that version ends in END with its error and the other models serve, so the node's agent
+  (:mod:`serving.sync`) can repair it from the object store.
 
 Differences: labels are checked after the versions load (TF Serving checks them before, which
 makes labelling a version in the same reload fail), and the REST status of ``/labels/{label}``
@@ -227,7 +230,7 @@ def _validate_config(config: ModelServerConfig) -> None:
             raise ServingError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"Model {entry.name} has base_path {entry.base_path}, which this server cannot read: "
-                "copy the versions to a local directory (serving.promotion does) and point base_path there",
+                "copy the versions to a local directory (serving.sync does) and point base_path there",
             )
         if not os.path.isabs(entry.base_path):
             raise ServingError(
@@ -543,13 +546,20 @@ class ModelServer:
         """Load the configured models, then start listening and polling.
 
         Raises:
-            ServingError: the config is unusable or a model has no available version.
+            ServingError: the config is unusable (a model that fails to load is logged, not raised).
             OSError: a port cannot be bound.
         """
         from serving.grpc_service import create_grpc_server
         from serving.rest import create_rest_server
 
-        self.manager.reload_config(self._config)
+        try:
+            self.manager.reload_config(self._config)
+        except ServingError as exc:
+            if exc.code not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.FAILED_PRECONDITION):
+                raise
+            # Unlike tensorflow_model_server, start anyway: a broken version on disk must not keep the
+            # node from serving its other models, nor from being repaired (serving.sync re-installs it).
+            log.error("Starting without every model available: %s", exc.message)
         try:
             self._grpc_server, self.grpc_port = create_grpc_server(self.manager, self.host, self.grpc_port)
             self._grpc_server.start()

@@ -1,4 +1,5 @@
-"""Fixtures for the serving tests: two tiny exported sentiment models and in-process model servers.
+"""Fixtures for the serving tests: two tiny exported sentiment models, in-process model servers, and a
+registry with a store of published versions for the node agent and the rollout protocol.
 
 The models follow the serving contract (signature ``serving_default``: ``text`` in; ``scores``,
 ``classes``, ``label`` out) and are written with Keras' ``ExportArchive`` as the training side does.
@@ -12,6 +13,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from maas_tasks.registry import Registry
+from maas_tasks.storage import FileStore, upload_tree
 
 VOCABULARY = ["good", "bad", "great", "awful"]
 CLASSES = ["negative", "positive"]
@@ -86,3 +90,51 @@ def start_server() -> Iterator[Callable]:
     yield start
     for server in servers:
         server.stop(grace=0.5)
+
+
+GOLDEN_TEXTS = ["good", "bad film", "great and awful", ""]
+
+
+@pytest.fixture
+def registry(pg_dsn):
+    with Registry.connect(pg_dsn) as reg:
+        yield reg
+
+
+@pytest.fixture
+def published(tmp_path, saved_models, registry):
+    """Publish exported models as versions of ``sentiment`` (with golden requests) and register them.
+
+    Returns ``publish(source)`` -> the new version number; ``source`` picks one of the test models.
+    """
+    from maas_tasks.export import write_golden_requests
+
+    store = FileStore(tmp_path / "store")
+
+    def publish(source: int, model: str = "sentiment", *, golden: bool = True) -> int:
+        version = registry.register_version(model, status="candidate")
+        local = tmp_path / "export" / model / str(version)
+        shutil.copytree(saved_models[source], local)
+        if golden:
+            write_golden_requests(local, GOLDEN_TEXTS)
+        upload_tree(store, local, f"models/{model}/{version}")
+        registry.set_artifact(model, version, store.uri(f"models/{model}/{version}"))
+        return version
+
+    publish.store = store
+    return publish
+
+
+@pytest.fixture
+def node(tmp_path, start_server):
+    """An in-process model server started from an empty config file, as the node ``n1``."""
+    from serving.model_config import ModelServerConfig, read_model_config, write_model_config
+    from serving.sync import Node
+
+    serving_dir = tmp_path / "serving"
+    config_path = serving_dir / "models.config"
+    write_model_config(config_path, ModelServerConfig())
+    server = start_server(read_model_config(config_path))
+    return Node("n1", serving_dir, config_path, server.grpc_target, server.rest_url)
+
+

@@ -317,14 +317,25 @@ def test_broken_version_ends_in_end_with_its_error(tmp_path, install_model, star
     assert predict_grpc(["good"], model="sentiment", target=server.grpc_target)[0]["version"] == 1
 
 
-def test_start_fails_when_no_version_loads(tmp_path):
-    base = tmp_path / "sentiment" / "1"
-    base.mkdir(parents=True)
-    server = ModelServer(single_model_config("sentiment", base.parent), grpc_port=0, rest_port=0, poll_wait_seconds=0)
-    with pytest.raises(ServingError) as info:
-        server.start()
-    assert info.value.code == grpc.StatusCode.UNKNOWN
-    assert "1 model(s) did not become available" in info.value.message and "version: 1" in info.value.message
+def test_start_serves_the_other_models_when_a_model_has_no_loadable_version(tmp_path, install_model):
+    broken = tmp_path / "sentiment" / "1"
+    broken.mkdir(parents=True)
+    (broken / "saved_model.pb").write_bytes(b"corrupted on disk")
+    install_model(tmp_path / "other", 1)
+    config = single_model_config("sentiment", broken.parent)
+    config.model_config_list.config.add().CopyFrom(single_model_config("other", tmp_path / "other").model_config_list.config[0])
+    server = ModelServer(config, grpc_port=0, rest_port=0, poll_wait_seconds=0)
+    server.start()  # the node stays up, so its agent can repair it from the store
+    try:
+        status = get_model_status_grpc("sentiment", target=server.grpc_target, version=1)[0]
+        assert status["state"] == "END" and status["error_code"] != "OK"
+        assert predict_grpc(["good"], model="other", target=server.grpc_target)[0]["version"] == 1
+        # Reloading a config whose new model cannot load is still refused, as TF Serving does.
+        with pytest.raises(ServingError) as info:
+            server.manager.reload_config(single_model_config("sentiment2", broken.parent))
+        assert info.value.code == grpc.StatusCode.UNKNOWN and "did not become available" in info.value.message
+    finally:
+        server.stop(grace=0.5)
 
 
 def _free_port() -> int:
