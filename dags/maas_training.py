@@ -15,8 +15,12 @@ ingest → validate → clean → features → train → evaluate → gate → e
   matrix and the gate decision) and registers the next model version: *candidate* when it passes the
   gate, *rejected* otherwise.
 * **gate_model** stops a rejected model here: it is never exported.
-* **export_model** writes the SavedModel to `models/<name>/<version>/` in the store;
-  **promote_model** copies it onto the serving volume, reloads the model server and marks it serving.
+* **export_model** writes the SavedModel to `models/<name>/<version>/` in the store, with golden
+  requests (held-out texts and the answers the exported model gave);
+  **promote_model** makes it the stable version on every model server: it loads beside the serving
+  version as a canary and must answer its golden requests, then the servers swap with no failed
+  request. If another version became stable after this one was gated, it is *superseded* and the
+  newer one stays; a failure gives the serving state back and records why.
 
 **Run it now:** press **Trigger** (top right), change any field of the form (every field states its
 limits; empty optional fields use the defaults, and an empty *Data file* trains on the bundled sample),
@@ -44,6 +48,7 @@ from maas_tasks.config import MODEL_NAME_PATTERN
 log = logging.getLogger(__name__)
 
 DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(seconds=30), "owner": "maas"}
+DAGRUN_TIMEOUT_HOURS = 6
 EPOCHS_MAX = 50
 BATCH_SIZES = (16, 32, 64, 128, 256, 512, 1024)
 VOCABULARY_SIZES = (1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000)
@@ -60,14 +65,16 @@ def _store() -> tuple[Any, Any]:
 
 
 @contextmanager
-def _fail_fast_on_bad_input() -> Iterator[None]:
-    """Bad data or parameters (a stage's ValueError) will not improve on retry: fail the task at once,
-    with the stage's message, instead of retrying it."""
+def _fail_fast() -> Iterator[None]:
+    """Failures a retry cannot fix (bad data or parameters: a stage's ValueError; a model that cannot be
+    served: PermanentError) fail the task at once, with the stage's message; passing faults are retried."""
     from airflow.sdk.exceptions import AirflowFailException
+
+    from maas_tasks.errors import PermanentError
 
     try:
         yield
-    except ValueError as exc:
+    except (ValueError, PermanentError) as exc:
         raise AirflowFailException(str(exc)) from exc
 
 
@@ -180,6 +187,8 @@ def training_params() -> dict[str, Param]:
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
+    # A run stuck for hours (a hung task, a lost worker) must not hold the next runs behind it.
+    dagrun_timeout=timedelta(hours=DAGRUN_TIMEOUT_HOURS),
     tags=["maas", "training"],
     default_args=DEFAULT_ARGS,
     doc_md=__doc__,
@@ -192,7 +201,7 @@ def maas_training() -> None:
         from maas_tasks.sample_data import sample_data_path
 
         _, store = _store()
-        with _fail_fast_on_bad_input():
+        with _fail_fast():
             return stage_data(store, params["data_path"] or sample_data_path(), run_id=run_id)
 
     @task
@@ -202,7 +211,7 @@ def maas_training() -> None:
         from maas_tasks.validate import validate_staged_snapshot
 
         settings, store = _store()
-        with _fail_fast_on_bad_input(), _registry(settings) as registry:
+        with _fail_fast(), _registry(settings) as registry:
             return validate_staged_snapshot(
                 store,
                 registry,
@@ -218,7 +227,7 @@ def maas_training() -> None:
         from maas_tasks.clean import clean_snapshot
 
         _, store = _store()
-        with _fail_fast_on_bad_input():
+        with _fail_fast():
             return clean_snapshot(
                 store,
                 snapshot["key"],
@@ -232,7 +241,7 @@ def maas_training() -> None:
         from maas_tasks.features import build_features as fit_features
 
         _, store = _store()
-        with _fail_fast_on_bad_input():
+        with _fail_fast():
             return fit_features(
                 store, cleaned["key"], max_tokens=params["max_tokens"], eval_fraction=params["eval_fraction"]
             )
@@ -242,7 +251,7 @@ def maas_training() -> None:
         from maas_tasks.train import train_model as fit_model
 
         settings, store = _store()
-        with _fail_fast_on_bad_input():
+        with _fail_fast():
             result = fit_model(
                 store,
                 features["key"],
@@ -263,7 +272,7 @@ def maas_training() -> None:
         from maas_tasks.evaluate import evaluate_and_register
 
         settings, store = _store()
-        with _fail_fast_on_bad_input(), _registry(settings) as registry:
+        with _fail_fast(), _registry(settings) as registry:
             return evaluate_and_register(
                 store,
                 registry,
@@ -287,7 +296,7 @@ def maas_training() -> None:
         from maas_tasks.export import export_registered_version
 
         settings, store = _store()
-        with _registry(settings) as registry:
+        with _fail_fast(), _registry(settings) as registry:
             return export_registered_version(store, registry, trained["key"], evaluation)
 
     @task
@@ -295,10 +304,16 @@ def maas_training() -> None:
         from maas_tasks.promote import promote_registered_version
 
         settings, store = _store()
-        with _registry(settings) as registry:
-            return promote_registered_version(
+        with _fail_fast(), _registry(settings) as registry:
+            result = promote_registered_version(
                 settings, store, registry, exported["model_name"], exported["version"]
             )
+        if result["outcome"] == "superseded":
+            log.info(
+                "%s v%s is superseded: v%s became stable after it was gated, so it does not replace it",
+                result["model_name"], result["version"], result["stable"],
+            )
+        return {k: v for k, v in result.items() if k != "nodes"}
 
     staged = ingest_data()
     snapshot = validate_data(staged)

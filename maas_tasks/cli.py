@@ -164,18 +164,21 @@ def run_pipeline(
     ``maas_runs.route_run_logs``, which puts each task's log where the Airflow UI reads it and reports
     the attempts run in this process; ``on_task_finished`` hears those the scheduler runs.
     """
-    from maas_runs import run_in_process, run_on_scheduler, scheduler_serves  # plugins/ is on sys.path
+    from maas_runs import fail_orphaned_runs, run_in_process, run_on_scheduler, scheduler_serves  # plugins/
 
     from maas_tasks.postgres import registry_dsn
     from maas_tasks.registry import Registry
 
+    claims = settings.home / "run" / "maas-run"
+    for run_id in fail_orphaned_runs(claims):
+        print(f"marked run {run_id} failed: the maas run that ran it was killed", flush=True)
     if scheduler_serves(dag.dag_id):
         print(f"the Airflow scheduler serves {dag.dag_id}: it runs this run (you can follow it in the web UI too)")
         result = run_on_scheduler(
             dag.dag_id, conf, on_task_finished=on_task_finished, on_waiting=lambda note: print(note, flush=True)
         )
     else:
-        result = run_in_process(dag, conf)
+        result = run_in_process(dag, conf, claims)
     order = list(dag.task_ids)
     with Registry.connect(registry_dsn(settings)) as registry:
         versions = [asdict(v) for v in registry.list_versions() if v.dag_run_id == result.run_id]
@@ -247,7 +250,9 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"metrics    {format_metrics(metrics)}")
         gate = metrics.get("gate") or {}
         print(f"gate       {'passed' if version['status'] != 'rejected' else 'rejected'}: {gate.get('reason', '')}")
-        print(f"promoted   {'yes' if version['status'] == 'serving' else 'no'}")
+        promoted = {"serving": "yes", "superseded": "no: superseded (a newer version became stable after this one "
+                    "was gated, so it stays)"}
+        print(f"promoted   {promoted.get(version['status'], 'no')}")
     for outcome in (o for o in outcomes if o.state == "failed"):
         print(f"error      {outcome.task_id} failed: {_paragraph(outcome.error or 'see its log', 600)}")
         print(f"           task log: {outcome.log_path}")
@@ -278,14 +283,98 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     _require_stack(settings)
     with Registry.connect(registry_dsn(settings)) as registry:
         versions = registry.list_versions(args.model)
+        targets = [t for t in registry.serving_targets() if args.model in (None, t.model_name)]
+        nodes = registry.serving_nodes()
     # Newest first: the versions a user asks about are the recent ones.
     rows = [asdict(v) for v in sorted(versions, key=lambda v: (v.model_name, -v.version))]
     for row in rows:
         metrics = row.get("metrics") or {}
         for key in ("accuracy", "f1", "roc_auc"):
             row[key] = f"{metrics[key]:.4f}" if isinstance(metrics.get(key), (int, float)) else None
-    columns = ["model_name", "version", "status", "accuracy", "f1", "roc_auc", "created_at", "dag_run_id"]
-    _print_json_or_table(rows, columns, args.json)
+    serving = serving_state(targets, nodes)
+    for row in rows:
+        target = next((t for t in targets if t.model_name == row["model_name"]), None)
+        row["desired"] = next(
+            (role for role in ("stable", "canary", "previous") if target and getattr(target, role) == row["version"]), None
+        )
+        row["observed"] = observed_states(nodes, row["model_name"], row["version"])
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    columns = ["model_name", "version", "status", "desired", "accuracy", "f1", "roc_auc", "created_at", "dag_run_id"]
+    _print_json_or_table(rows, columns, False)
+    for model in serving:
+        desired = model["desired"]
+        print()
+        print(
+            f"{model['model_name']}: desired stable v{desired['stable']}"
+            + (f", canary v{desired['canary']}" if desired["canary"] else "")
+            + (f", previous v{desired['previous']}" if desired["previous"] else "")
+            + f" (generation {desired['generation']})"
+        )
+        for node in model["nodes"]:
+            mark = "agrees" if node["agrees"] else f"DISAGREES: {node['problem']}"
+            print(f"  node {node['node_id']:<12} serves {node['serving'] or 'nothing'}; last report {node['last_seen']}; {mark}")
+        if not model["nodes"]:
+            print("  no serving node has reported yet (start one: maas stack up)")
+    return 0
+
+
+def observed_states(nodes: list[Any], model_name: str, version: int) -> dict[str, str]:
+    """Per node, the state it last reported for a version in any role (``AVAILABLE as stable``, ...)."""
+    states = {}
+    for node in nodes:
+        entry = (node.report.get("models") or {}).get(model_name, {})
+        for role in ("stable", "canary", "previous"):
+            seen = entry.get(role) or {}
+            if seen.get("version") == version:
+                states[node.node_id] = f"{seen.get('state')} as {role}"
+                break
+    return states
+
+
+def serving_state(targets: list[Any], nodes: list[Any]) -> list[dict[str, Any]]:
+    """Per model: the desired state, and per node what it observed and whether that agrees."""
+    out = []
+    for target in targets:
+        desired = {"stable": target.stable, "canary": target.canary, "previous": target.previous,
+                   "generation": target.generation}
+        rows = []
+        for node in nodes:
+            entry = (node.report.get("models") or {}).get(target.model_name, {})
+            stable = entry.get("stable") or {}
+            serving = f"v{stable['version']} ({stable.get('state')})" if stable else None
+            problem = None
+            if node.report.get("error") or entry.get("error"):
+                problem = node.report.get("error") or entry.get("error")
+            elif entry.get("generation", 0) < target.generation:
+                problem = f"has applied generation {entry.get('generation', 0)}, not {target.generation} yet"
+            elif stable.get("version") != target.stable or stable.get("state") != "AVAILABLE":
+                problem = f"serves {serving or 'nothing'}, not v{target.stable}"
+            rows.append({"node_id": node.node_id, "serving": serving, "last_seen": f"{node.last_seen:%Y-%m-%d %H:%M:%S}",
+                         "generation": entry.get("generation"), "agrees": problem is None, "problem": problem})
+        out.append({"model_name": target.model_name, "desired": desired, "nodes": rows})
+    return out
+
+
+def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
+    from maas_tasks.postgres import registry_dsn
+    from maas_tasks.promote import rollback_version
+    from maas_tasks.registry import Registry
+    from maas_tasks.storage import open_store
+
+    _require_stack(settings)
+    model = args.model or settings.model_name
+    with Registry.connect(registry_dsn(settings)) as registry:
+        before = registry.serving_target(model)
+        print(f"rolling {model} back from v{before.stable if before else None} ...", flush=True)
+        result = rollback_version(settings, open_store(settings=settings), registry, model, args.to)
+    if result["outcome"] == "superseded":
+        print(f"not rolled back: v{result['stable']} became stable meanwhile; run maas rollback again to replace it")
+        return 1
+    note = " (it already was)" if result["outcome"] == "already stable" else ""
+    print(f"{model} v{result['stable']} is stable{note} on node(s) {', '.join(result['nodes'])}; "
+          f"v{result['previous_version']} is retired")
     return 0
 
 
@@ -317,10 +406,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("models", help="list model versions in the registry")
+    p = sub.add_parser("models", help="list model versions, the desired serving state and what each node serves")
     p.add_argument("--model", help="only this model")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("rollback", help="make an earlier version stable again, on every node, with no failed request")
+    p.add_argument("--to", type=int, metavar="VERSION", help="the version to serve (default: the previous stable one)")
+    p.add_argument("--model", help="model name (default: MAAS_MODEL_NAME or sentiment)")
+    p.set_defaults(func=cmd_rollback)
     return parser
 
 
@@ -329,23 +423,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # TensorFlow's C++ start-up chatter buries the answers of `predict`; warnings and errors still show.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    settings = None
     try:
         settings = load_settings()
         return args.func(args, settings)
     except (CliError, ConfigError) as exc:
         print(f"maas: error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # noqa: BLE001 - the CLI reports every failure as one readable line
-        from maas_tasks.storage import StoreError
+    except KeyboardInterrupt:
+        print("maas: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - a user sees one paragraph and where the details are
+        print(f"maas: error: {_paragraph(str(exc) or type(exc).__name__, 1000)}", file=sys.stderr)
+        log = _write_traceback(settings)
+        if log is not None:
+            print(f"maas: the full error is in {log}", file=sys.stderr)
+        if os.environ.get("MAAS_TRACEBACK"):
+            raise
+        return 1
 
-        from maas_tasks.postgres import PostgresError
-        from maas_tasks.registry import RegistryError
-        from serving.client import ServingClientError
 
-        if isinstance(exc, (StoreError, ServingClientError, PostgresError, RegistryError)):
-            print(f"maas: error: {exc}", file=sys.stderr)
-            return 1
-        raise
+def _write_traceback(settings: Settings | None) -> Path | None:
+    """Append the current exception's traceback to ``MAAS_HOME/logs/maas-cli.log``; its path, or None."""
+    import traceback
+
+    if settings is None:
+        return None
+    path = settings.home / "logs" / "maas-cli.log"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} maas {' '.join(sys.argv[1:])}\n")
+            fh.write(traceback.format_exc())
+    except OSError:
+        return None
+    return path
 
 
 if __name__ == "__main__":

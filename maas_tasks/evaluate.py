@@ -277,6 +277,9 @@ def evaluate_and_register(
                 return _registration(existing.model_name, existing.version, existing.metrics)
     metrics = evaluate_model(store, model_key, features_key)
     gate = decide_gate(metrics, min_accuracy=min_accuracy)
+    # The stable version this one is gated against: promotion replaces only that one (else: superseded).
+    target = registry.serving_target(model_name)
+    gate["champion"] = target.stable if target is not None else None
     log.info("held-out metrics on %d rows: %s", metrics["n_eval"], format_metrics(metrics))
     log.info("confusion matrix (rows: true class, columns: predicted class):")
     for line in format_confusion_matrix(metrics["confusion_matrix"], metrics["classes"]):

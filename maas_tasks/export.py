@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from maas_tasks.config import check_model_name
+from maas_tasks.errors import PermanentError
 from maas_tasks.evaluate import load_model
 from maas_tasks.storage import Store, delete_prefix, upload_tree
 from maas_tasks.tf_runtime import import_tensorflow
@@ -31,10 +32,17 @@ from maas_tasks.train import HISTORY_FILE, model_file_key
 SIGNATURE_NAME = "serving_default"
 INPUT_NAME = "text"
 OUTPUT_NAMES = ("classes", "label", "scores")
+# Shipped inside the version (TF Serving ignores assets.extra/ but for its warm-up file): the requests a
+# serving node replays before the version may serve, and the answers the exported model gave in process.
+GOLDEN_FILE = "assets.extra/maas_golden.json"
+GOLDEN_HELD_OUT_TEXTS = 32
+GOLDEN_TOLERANCE = 1e-4
+# Inputs at the edges of what the served graph sees: nothing, one word, unknown words, non-ASCII, a long text.
+_GOLDEN_EDGE_CASES = ["", "ok", "zzqx qqxz", "Très bien, ça m'a plu ! 👍", "long " * 2000]
 
 
-class ExportError(RuntimeError):
-    """The exported SavedModel does not honour the serving contract."""
+class ExportError(PermanentError):
+    """The exported SavedModel does not honour the serving contract, or the version may not be exported."""
 
 
 def version_prefix(model_name: str, version: int) -> str:
@@ -98,8 +106,13 @@ def _model_classes(store: Store, model_key: str, model: Any) -> list[str]:
     return classes
 
 
-def write_saved_model(model: Any, classes: list[str], path: Path) -> None:
-    """Write ``model`` as a SavedModel with the serving contract at ``path`` and verify it."""
+def write_saved_model(model: Any, classes: list[str], path: Path, golden_texts: list[str] | None = None) -> None:
+    """Write ``model`` as a SavedModel with the serving contract at ``path`` and verify it.
+
+    Args:
+        golden_texts: when given, the SavedModel's own answers to them (and to a few edge cases) are
+            written to ``GOLDEN_FILE`` inside it, for serving nodes to replay.
+    """
     import_tensorflow()
     import keras
 
@@ -108,6 +121,38 @@ def write_saved_model(model: Any, classes: list[str], path: Path) -> None:
     archive.add_endpoint(SIGNATURE_NAME, _serving_function(model, classes))
     archive.write_out(str(path), verbose=False)
     _check_saved_model(path, classes)
+    if golden_texts is not None:
+        write_golden_requests(path, [*golden_texts, *_GOLDEN_EDGE_CASES])
+
+
+def write_golden_requests(path: Path, texts: list[str]) -> dict[str, Any]:
+    """Run the SavedModel at ``path`` on ``texts`` in this process and store inputs and outputs beside it."""
+    tf = import_tensorflow()
+
+    out = tf.saved_model.load(str(path)).signatures[SIGNATURE_NAME](text=tf.constant(texts, dtype=tf.string))
+    golden = {
+        "signature_name": SIGNATURE_NAME,
+        "inputs": texts,
+        "scores": out["scores"].numpy().tolist(),
+        "label": [label.decode("utf-8") for label in out["label"].numpy()],
+        "tolerance": GOLDEN_TOLERANCE,
+    }
+    target = path / GOLDEN_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(golden), encoding="utf-8")
+    return golden
+
+
+def _held_out_texts(store: Store, model_key: str, limit: int = GOLDEN_HELD_OUT_TEXTS) -> list[str]:
+    """The first ``limit`` texts of the held-out split the model was evaluated on."""
+    import io
+
+    import pandas as pd
+
+    prefix = model_file_key(model_key).rsplit("/", 1)[0]
+    features_key = json.loads(store.get_bytes(f"{prefix}/{HISTORY_FILE}"))["features_key"]
+    eval_df = pd.read_parquet(io.BytesIO(store.get_bytes(f"{features_key}/eval.parquet")))
+    return [str(text) for text in eval_df["text"].head(limit)]
 
 
 def export_model(
@@ -136,7 +181,7 @@ def export_model(
     metadata_key = f"{prefix}.json"
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / str(version)
-        write_saved_model(model, classes, local)
+        write_saved_model(model, classes, local, golden_texts=_held_out_texts(store, model_key))
         store.delete(metadata_key)
         delete_prefix(store, prefix)
         files = upload_tree(store, local, prefix)

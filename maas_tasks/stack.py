@@ -2,8 +2,8 @@
 
 Everything runs on this machine under ``MAAS_HOME`` (default ``.maas/``): a private PostgreSQL cluster
 holding Airflow's metadata and the model registry, the ``file://`` store (or the S3 bucket named by
-``MAAS_STORE_URL``), the embedded TF-Serving-compatible model server, and optionally
-``airflow standalone``. Starting is idempotent (what runs is left running) and stopping is clean
+``MAAS_STORE_URL``), the embedded TF-Serving-compatible model server and its agent (``serving-sync``,
+which keeps it converged on the registry's desired serving state), and optionally ``airflow standalone``. Starting is idempotent (what runs is left running) and stopping is clean
 (SIGTERM to each background process group, then the cluster's fast shutdown).
 """
 
@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from maas_tasks import postgres
-from maas_tasks.config import Settings, project_root
+from maas_tasks.config import Settings, project_root, settings_environment
 from maas_tasks.postgres import pid_alive
 
 SERVER_NAME = "model-server"
+SYNC_NAME = "serving-sync"
 AIRFLOW_NAME = "airflow"
 _START_TIMEOUT = 120.0
 
@@ -52,8 +53,9 @@ def _pid_file(settings: Settings, name: str) -> Path:
     return _run_dir(settings) / f"{name}.pid"
 
 
-def _start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (clock ticks since boot), or None if unknown."""
+def process_start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), or None if unknown: with the pid, it
+    tells a live process from a later one that reused its pid."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
             return fh.read().rsplit(")", 1)[-1].split()[19]
@@ -75,7 +77,7 @@ def process_status(settings: Settings, name: str) -> ProcessStatus:
             pid = int(raw_pid)
         except ValueError:
             pid = None
-        if pid is not None and started and _start_time(pid) not in (started, None):
+        if pid is not None and started and process_start_time(pid) not in (started, None):
             pid = None
     running = pid is not None and pid_alive(pid)
     return ProcessStatus(name, running, pid if running else None, _log_dir(settings) / f"{name}.log")
@@ -99,7 +101,7 @@ def _start_process(settings: Settings, name: str, argv: list[str], env: dict[str
             start_new_session=True,  # its own process group, so stop reaches its children too
             cwd=project_root(),
         )
-    _pid_file(settings, name).write_text(f"{proc.pid} {_start_time(proc.pid) or ''}".strip())
+    _pid_file(settings, name).write_text(f"{proc.pid} {process_start_time(proc.pid) or ''}".strip())
     return ProcessStatus(name, True, proc.pid, status.log)
 
 
@@ -299,8 +301,63 @@ def airflow_login(settings: Settings) -> str:
     return f"open {where} and log in as admin / {password}"
 
 
+def start_sync_agent(settings: Settings, base_env: dict[str, str] | None = None) -> ProcessStatus:
+    """Start the model server's agent (``python -m serving.sync --loop``) in the background (idempotent)."""
+    argv = [sys.executable, "-m", "serving.sync", "--loop"]
+    env = {**(os.environ if base_env is None else base_env), **settings_environment(settings)}
+    status = _start_process(settings, SYNC_NAME, argv, env)
+    time.sleep(0.5)
+    if status.pid is not None and not pid_alive(status.pid):
+        raise StackError(f"{SYNC_NAME} exited at once; last lines of {status.log}:\n{_log_tail(status.log)}")
+    return status
+
+
+def sync_local_node(settings: Settings) -> str:
+    """Reconcile the local model server with the registry once, verifying every installed version fully.
+
+    Returns a one-line summary; a failure is summarised, not raised (the agent retries on its own).
+    """
+    from maas_tasks.postgres import registry_dsn
+    from maas_tasks.registry import Registry
+    from maas_tasks.storage import open_store
+    from maas_tasks.tf_runtime import import_tensorflow
+
+    import_tensorflow()  # serving.sync reads TF Serving's protos, which import TensorFlow
+    from serving.sync import local_node, reconcile_node
+
+    node = local_node(settings)
+    if node is None:
+        return "no local node (MAAS_NODE_ID is empty)"
+    try:
+        with Registry.connect(registry_dsn(settings)) as registry:
+            report = reconcile_node(node, registry, open_store(settings=settings), deep=True)
+    except Exception as exc:  # noqa: BLE001 - summarised for the user; the agent keeps trying
+        return f"node {node.node_id} not reconciled yet: {exc}"
+    return describe_node_report(node.node_id, report)
+
+
+def describe_node_report(node_id: str, report: dict) -> str:
+    """One line on what a node serves and what it repaired or could not do."""
+    if report.get("error"):
+        return f"node {node_id}: {report['error']}"
+    parts = []
+    for name, entry in sorted(report.get("models", {}).items()):
+        stable = entry.get("stable") or {}
+        part = f"{name} v{stable['version']} {stable.get('state', '?')}" if stable else f"{name}: nothing stable"
+        if entry.get("repairs"):
+            part += f" ({'; '.join(entry['repairs'])})"
+        if entry.get("error"):
+            part += f" [problem: {entry['error']}]"
+        parts.append(part)
+    return f"node {node_id}: " + ("; ".join(parts) if parts else "no model to serve yet")
+
+
 def stack_up(settings: Settings, *, with_airflow: bool = False, echo=print) -> None:
-    """Start the local stack; components already running are left as they are."""
+    """Start the local stack; components already running are left as they are.
+
+    The model server is reconciled with the registry before its agent starts, so a version that is
+    missing or corrupt on the serving volume is re-installed from the store.
+    """
     from maas_tasks.registry import Registry
     from maas_tasks.storage import open_store
 
@@ -327,6 +384,10 @@ def stack_up(settings: Settings, *, with_airflow: bool = False, echo=print) -> N
         f"model server pid {server.pid}: gRPC {settings.grpc_target}, REST {settings.rest_url} "
         f"(config {settings.serving_config}, log {server.log})"
     )
+    echo(f"serving      {sync_local_node(settings)}")
+    if settings.node_id:
+        agent = start_sync_agent(settings)
+        echo(f"{SYNC_NAME} pid {agent.pid}: keeps node {settings.node_id} converged (log {agent.log})")
     if with_airflow:
         airflow = start_airflow(settings)
         echo(f"airflow      pid {airflow.pid}, log {airflow.log}")
@@ -335,7 +396,7 @@ def stack_up(settings: Settings, *, with_airflow: bool = False, echo=print) -> N
 
 def stack_down(settings: Settings, echo=print) -> None:
     """Stop everything ``stack_up`` started; what is not running is skipped."""
-    for name in (AIRFLOW_NAME, SERVER_NAME):
+    for name in (AIRFLOW_NAME, SYNC_NAME, SERVER_NAME):
         echo(f"{name:<12} {'stopped' if _stop_process(settings, name) else 'was not running'}")
     stopped = postgres.stop_cluster(postgres.local_cluster(settings))
     echo(f"{'postgres':<12} {'stopped' if stopped else 'was not running'}")
@@ -345,7 +406,7 @@ def stack_status(settings: Settings) -> dict[str, dict]:
     """What runs now, component by component."""
     pg = postgres.read_status(postgres.local_cluster(settings))
     status: dict[str, dict] = {"postgres": {"running": pg.running, "pid": pg.pid, "port": settings.pg_port}}
-    for name in (SERVER_NAME, AIRFLOW_NAME):
+    for name in (SERVER_NAME, SYNC_NAME, AIRFLOW_NAME):
         proc = process_status(settings, name)
         status[name] = {"running": proc.running, "pid": proc.pid, "log": str(proc.log)}
     status[SERVER_NAME].update(grpc=settings.grpc_target, rest=settings.rest_url)

@@ -33,6 +33,8 @@ from typing import Any, BinaryIO, TextIO
 import structlog
 from airflow.listeners import hookimpl
 
+log = logging.getLogger(__name__)
+
 _LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
@@ -219,11 +221,93 @@ def route_run_logs(
         text.close()
 
 
-def run_in_process(dag: Any, conf: dict[str, Any]) -> RunResult:
-    """Run ``dag`` once with ``dag.test()``; call it inside :func:`route_run_logs` to place its logs."""
-    dag_run = dag.test(run_conf=conf)
+def run_in_process(dag: Any, conf: dict[str, Any], claims: Path | None = None) -> RunResult:
+    """Run ``dag`` once with ``dag.test()``; call it inside :func:`route_run_logs` to place its logs.
+
+    Args:
+        claims: a folder where the run is claimed by this process (``<pid>.json``) while it runs, so that
+            :func:`fail_orphaned_runs` can tell a run whose process died from one still running. If
+            this process fails, the run is marked failed before the error propagates.
+    """
+    from airflow.models.dagrun import DagRun
+    from airflow.sdk import timezone
+    from airflow.utils.types import DagRunType
+
+    # dag.test() names the run after its logical date: fix it, to know the run before it exists.
+    now = timezone.utcnow()
+    run_id = DagRun.generate_run_id(run_type=DagRunType.MANUAL, logical_date=now, run_after=now)
+    claim = _claim_run(claims, dag.dag_id, run_id) if claims is not None else None
+    try:
+        dag_run = dag.test(run_conf=conf, logical_date=now, run_after=now)
+    except BaseException:
+        _fail_run(dag.dag_id, run_id)
+        raise
+    finally:
+        if claim is not None:
+            claim.unlink(missing_ok=True)
     states = {ti.task_id: _state_name(ti.state) for ti in dag_run.get_task_instances()}
     return RunResult(dag_run.run_id, _state_name(dag_run.state), states, via_scheduler=False)
+
+
+def fail_orphaned_runs(claims: Path) -> list[str]:
+    """Mark failed the runs that ``maas run`` processes claimed and left running when they died.
+
+    A claim whose process is alive (same pid and start time) is left alone: that run is in progress.
+
+    Returns:
+        The ids of the runs marked failed.
+    """
+    import json
+
+    from maas_tasks.postgres import pid_alive
+    from maas_tasks.stack import process_start_time
+
+    failed = []
+    for path in sorted(claims.glob("*.json")) if claims.is_dir() else []:
+        try:
+            claim = json.loads(path.read_text())
+        except (OSError, ValueError):
+            path.unlink(missing_ok=True)
+            continue
+        pid = int(claim.get("pid", 0))
+        if pid and pid_alive(pid) and process_start_time(pid) == claim.get("started"):
+            continue
+        if _fail_run(claim["dag_id"], claim["run_id"]):
+            failed.append(claim["run_id"])
+        path.unlink(missing_ok=True)
+    return failed
+
+
+def _claim_run(claims: Path, dag_id: str, run_id: str) -> Path:
+    import json
+    import os
+
+    from maas_tasks.stack import process_start_time
+
+    claims.mkdir(parents=True, exist_ok=True)
+    path = claims / f"{os.getpid()}.json"
+    started = process_start_time(os.getpid())
+    path.write_text(json.dumps({"pid": os.getpid(), "started": started, "dag_id": dag_id, "run_id": run_id}))
+    return path
+
+
+def _fail_run(dag_id: str, run_id: str) -> bool:
+    """Mark a run and its unfinished task instances failed; False when it had already ended (or never began)."""
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from airflow.utils.state import DagRunState, State, TaskInstanceState
+
+    with create_session() as session:
+        dag_run = DagRun.find_duplicate(dag_id=dag_id, run_id=run_id, session=session)
+        if dag_run is None or dag_run.state not in (DagRunState.RUNNING, DagRunState.QUEUED):
+            return False
+        for ti in dag_run.get_task_instances(session=session):
+            if ti.state not in State.finished:
+                ti.set_state(TaskInstanceState.FAILED, session=session)
+        dag_run.set_state(DagRunState.FAILED)
+        session.merge(dag_run)
+    log.warning("marked run %s of %s failed: the maas run process running it is gone", run_id, dag_id)
+    return True
 
 
 def scheduler_serves(dag_id: str) -> bool:

@@ -216,3 +216,86 @@ def test_a_model_below_the_gate_is_rejected_and_never_exported(e2e):
     assert not e2e["store"].exists(f"models/sentiment/{rejected[0].version}/MANIFEST.json")
     version, _ = predict_grpc(e2e, TEXTS[:1])
     assert version == 2
+
+
+def airflow_db(e2e):
+    import psycopg2
+
+    url = e2e["env"]["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].replace("postgresql+psycopg2://", "postgresql://")
+    return psycopg2.connect(url)
+
+
+def test_a_killed_maas_run_is_marked_failed_by_the_next_one(e2e):
+    import signal
+    import time
+
+    claims = e2e["settings"].home / "run" / "maas-run"
+    killed = subprocess.Popen([sys.executable, "-m", "maas_tasks.cli", "run", "--data", str(e2e["data"])],
+                              env=e2e["env"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    logs = Path(e2e["env"]["AIRFLOW_HOME"]) / "logs" / "dag_id=maas_training"
+    deadline = time.monotonic() + 300
+    claim = None
+    while time.monotonic() < deadline:  # kill it in the middle of the run: once training has begun
+        claim = next(iter(claims.glob("*.json")), None)
+        if claim and list(logs.glob(f"run_id={json.loads(claim.read_text())['run_id']}/task_id=train_model/*.log")):
+            break
+        time.sleep(0.2)
+    run_id = json.loads(claim.read_text())["run_id"]
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait(timeout=30)
+    with airflow_db(e2e) as conn, conn.cursor() as cur:
+        cur.execute("SELECT state FROM dag_run WHERE run_id = %s", (run_id,))
+        assert cur.fetchone()[0] == "running"  # left behind by the dead process
+
+    result = maas(e2e, "run", "--data", str(e2e["data"]), "--param", "epochs=2")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert f"marked run {run_id} failed: the maas run that ran it was killed" in result.stdout
+    with airflow_db(e2e) as conn, conn.cursor() as cur:
+        cur.execute("SELECT state FROM dag_run WHERE run_id = %s", (run_id,))
+        assert cur.fetchone()[0] == "failed"
+        cur.execute("SELECT count(*) FROM task_instance WHERE run_id = %s AND state IN ('running', 'queued')", (run_id,))
+        assert cur.fetchone()[0] == 0
+    assert list(claims.glob("*.json")) == []
+
+
+def test_rollback_from_the_cli_drops_no_request_and_models_shows_who_serves_what(e2e):
+    import threading
+
+    from tests.fixtures.invariants import assert_registry_invariants
+
+    with registry(e2e) as reg:
+        before = reg.serving_target("sentiment")
+    stop, failures, seen = threading.Event(), [], set()
+
+    def client(use_rest: bool) -> None:
+        while not stop.is_set():
+            try:
+                if use_rest:
+                    predict_rest(e2e, TEXTS[:1])
+                else:
+                    seen.add(predict_grpc(e2e, TEXTS[:1])[0])  # the version that answered
+            except Exception as exc:  # noqa: BLE001 - every failed request counts
+                failures.append(repr(exc))
+
+    clients = [threading.Thread(target=client, args=(rest,)) for rest in (True, False)]
+    for thread in clients:
+        thread.start()
+    try:
+        back = maas(e2e, "rollback")
+        forth = maas(e2e, "rollback", "--to", str(before.stable))
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join(timeout=30)
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert f"sentiment v{before.previous} is stable on node(s) local; v{before.stable} is retired" in back.stdout
+    assert forth.returncode == 0, forth.stdout + forth.stderr
+    assert failures == [] and {before.previous, before.stable} <= seen
+
+    models = json.loads(maas(e2e, "models", "--json").stdout)
+    stable = next(m for m in models if m["desired"] == "stable")
+    assert stable["version"] == before.stable and stable["observed"] == {"local": "AVAILABLE as stable"}
+    table = maas(e2e, "models").stdout
+    assert f"sentiment: desired stable v{before.stable}" in table and "node local" in table and "agrees" in table
+    with registry(e2e) as reg:
+        assert_registry_invariants(reg)

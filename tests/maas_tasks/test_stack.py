@@ -68,24 +68,25 @@ def test_airflow_environment_defaults_and_overrides(settings):
 @pytest.mark.integration
 def test_stack_up_is_idempotent_status_reports_and_down_stops_everything(settings):
     lines: list[str] = []
-    pids = (None, None)
+    pids = (None, None, None)
     try:
         stack.stack_up(settings, echo=lines.append)
         status = stack.stack_status(settings)
         assert status["postgres"]["running"] and status["model-server"]["running"]
-        assert not status["airflow"]["running"]
-        pids = (status["postgres"]["pid"], status["model-server"]["pid"])
+        assert status["serving-sync"]["running"] and not status["airflow"]["running"]
+        assert "serving      node local: no model to serve yet" in lines
+        pids = (status["postgres"]["pid"], status["model-server"]["pid"], status["serving-sync"]["pid"])
 
         stack.stack_up(settings, echo=lines.append)  # again: nothing restarts
         again = stack.stack_status(settings)
-        assert (again["postgres"]["pid"], again["model-server"]["pid"]) == pids
+        assert (again["postgres"]["pid"], again["model-server"]["pid"], again["serving-sync"]["pid"]) == pids
         assert settings.serving_config.is_file()
         assert (settings.home / "store").is_dir()
     finally:
         stack.stack_down(settings, echo=lines.append)
     status = stack.stack_status(settings)
     assert not any(component["running"] for component in status.values())
-    assert None not in pids and not stack.pid_alive(pids[0]) and not stack.pid_alive(pids[1])
+    assert None not in pids and not any(stack.pid_alive(pid) for pid in pids)
     down_again: list[str] = []
     stack.stack_down(settings, echo=down_again.append)
     assert all("was not running" in line for line in down_again)
