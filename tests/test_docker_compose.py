@@ -47,6 +47,7 @@ LONG_RUNNING_SERVICES = (
     "postgres",
     "minio",
     "tf-serving",
+    "serving-sync",
     "airflow-apiserver",
     "airflow-scheduler",
     "airflow-dag-processor",
@@ -213,7 +214,7 @@ def test_interpolate_follows_compose_rules() -> None:
 
 
 def test_every_service_is_defined(services: dict[str, dict[str, Any]]) -> None:
-    expected = {"postgres", "minio", "minio-init", "serving-init", "tf-serving", *AIRFLOW_SERVICES}
+    expected = {"postgres", "minio", "minio-init", "serving-init", "tf-serving", "serving-sync", *AIRFLOW_SERVICES}
     assert set(services) == expected
 
 
@@ -251,9 +252,11 @@ def test_dependency_conditions_match_service_kinds(services: dict[str, dict[str,
         *[(s, "postgres", "service_healthy") for s in AIRFLOW_SERVICES],
         *[(s, "minio", "service_healthy") for s in AIRFLOW_SERVICES],
         *[(s, "airflow-init", "service_completed_successfully") for s in AIRFLOW_SERVICES if s != "airflow-init"],
-        *[(s, "serving-init", "service_completed_successfully") for s in AIRFLOW_SERVICES],
         ("minio-init", "minio", "service_healthy"),
         ("tf-serving", "serving-init", "service_completed_successfully"),
+        ("serving-sync", "serving-init", "service_completed_successfully"),
+        ("serving-sync", "postgres", "service_healthy"),
+        ("serving-sync", "minio-init", "service_completed_successfully"),
         ("airflow-scheduler", "airflow-apiserver", "service_healthy"),
     ],
 )
@@ -324,7 +327,7 @@ def test_load_settings_accepts_the_airflow_environment(airflow_env: dict[str, st
     )
     assert (settings.grpc_port, settings.rest_port) == (config.DEFAULT_GRPC_PORT, config.DEFAULT_REST_PORT)
     assert settings.serving_host == "tf-serving"
-    assert settings.serving_config.parent == settings.serving_dir
+    assert settings.node_id is None  # the tasks manage no model server; serving-sync does
     registry = urlsplit(settings.registry_dsn or "")
     assert (registry.hostname, registry.path, registry.password) == (
         "postgres",
@@ -365,30 +368,52 @@ def test_tf_serving_ports_match_the_settings(services: dict[str, dict[str, Any]]
     assert settings.serving_host in services
 
 
-def test_tf_serving_reads_the_model_volume_airflow_writes(
-    compose: dict[str, Any], services: dict[str, dict[str, Any]], airflow_env: dict[str, str]
+@pytest.fixture(scope="module")
+def sync_env(services: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """The environment of tf-serving's agent, with .env values substituted."""
+    return {key: _interpolate(value, SAMPLE_ENV) for key, value in _environment(services["serving-sync"]).items()}
+
+
+def test_tf_serving_reads_the_model_volume_its_agent_writes(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]], sync_env: dict[str, str]
 ) -> None:
-    settings = config.load_settings(airflow_env)
-    serving_dir = airflow_env["MAAS_SERVING_DIR"]
-    volume = _volume_mounts(services["airflow-scheduler"])[serving_dir]
+    settings = config.load_settings(sync_env)
+    serving_dir = sync_env["MAAS_SERVING_DIR"]
+    volume = _volume_mounts(services["serving-sync"])[serving_dir]
     assert volume in compose["volumes"], "the model directory must be a named volume"
     assert _volume_mounts(services["tf-serving"])[serving_dir] == volume
     flags = _flags(services["tf-serving"]["command"])
-    assert flags["model_config_file"] == airflow_env["MAAS_SERVING_CONFIG"]
+    assert flags["model_config_file"] == sync_env["MAAS_SERVING_CONFIG"]
     assert Path(flags["model_config_file"]).parent == Path(serving_dir) == settings.serving_dir
     assert flags["model_config_file_poll_wait_seconds"] == "0"
-    for name in AIRFLOW_SERVICES:
-        assert _volume_mounts(services[name])[serving_dir] == volume
+    for name in AIRFLOW_SERVICES:  # promotion only changes the registry; the agent writes the volume
+        assert serving_dir not in _volume_mounts(services[name])
+
+
+def test_the_agent_manages_tf_serving_with_the_tasks_store_and_registry(
+    services: dict[str, dict[str, Any]], sync_env: dict[str, str], airflow_env: dict[str, str]
+) -> None:
+    agent, tasks = config.load_settings(sync_env), config.load_settings(airflow_env)
+    assert agent.node_id == "tf-serving" and agent.serving_host == "tf-serving"
+    assert (agent.grpc_port, agent.rest_port) == (tasks.grpc_port, tasks.rest_port)
+    assert (agent.store_url, agent.s3_endpoint, agent.registry_dsn) == (tasks.store_url, tasks.s3_endpoint, tasks.registry_dsn)
+    assert (agent.s3_access_key, agent.s3_secret_key) == (tasks.s3_access_key, tasks.s3_secret_key)
+    sync = services["serving-sync"]
+    assert sync["entrypoint"] == ["python", "-m", "serving.sync", "--loop"]
+    assert sync["healthcheck"]["test"] == ["CMD", "python", "-m", "serving.sync", "--check"]
+    assert (ROOT / sync["build"]["context"] / sync["build"]["dockerfile"]).resolve() == DOCKERFILE
+    # It must be able to repair the volume while TF Serving cannot start, so it never waits for it.
+    assert "tf-serving" not in sync["depends_on"]
 
 
 def test_serving_init_writes_a_valid_empty_model_config(
-    services: dict[str, dict[str, Any]], airflow_env: dict[str, str]
+    services: dict[str, dict[str, Any]], sync_env: dict[str, str]
 ) -> None:
     init = services["serving-init"]
-    serving_dir = airflow_env["MAAS_SERVING_DIR"]
-    assert _volume_mounts(init)[serving_dir] == _volume_mounts(services["tf-serving"])[serving_dir]
+    serving_dir = sync_env["MAAS_SERVING_DIR"]
+    assert _volume_mounts(init)[serving_dir] == _volume_mounts(services["serving-sync"])[serving_dir]
     script = init["command"][-1]
-    assert f"[ ! -f {airflow_env['MAAS_SERVING_CONFIG']} ]" in script, "an existing config must be kept"
+    assert f"[ ! -f {sync_env['MAAS_SERVING_CONFIG']} ]" in script, "an existing config must be kept"
     content = re.search(r"printf '([^']*)'", script)
     assert content, "serving-init should printf the initial config"
     parsed = text_format.Parse(content.group(1).replace("\\n", "\n"), model_server_config_pb2.ModelServerConfig())
