@@ -19,7 +19,8 @@ import tempfile
 import threading
 from types import ModuleType
 
-# Start-up lines TensorFlow prints on every CPU-only machine. Matched per line, anywhere in it.
+# Start-up lines TensorFlow prints on every CPU-only machine (the oneDNN notice on CPUs where its custom
+# operations are on). Matched per line, anywhere in it.
 _PROBE_LINES = re.compile(
     r"All log messages before absl::InitializeLog\(\) is called"
     r"|cudart_stub\.cc:\d+\] Could not find cuda drivers"
@@ -27,6 +28,7 @@ _PROBE_LINES = re.compile(
     r"|cuda_(dnn|fft|blas)\.cc:\d+\] Unable to register cu\w+ factory"
     r"|cpu_feature_guard\.cc:\d+\] This TensorFlow binary is optimized"
     r"|^To enable the following instructions: .* rebuild TensorFlow"
+    r"|port\.cc:\d+\] oneDNN custom operations are on"
 )
 _lock = threading.Lock()
 _started = False
