@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from maas_tasks.config import project_root
+from maas_tasks.features import DEFAULT_MAX_TOKENS
 
 DATA_ENV = "MAAS_BENCH_DATA"
 DEFAULT_DATA = Path("..") / "shared" / "data" / "imdb" / "imdb_train.csv.gz"
@@ -39,7 +40,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--group-col", default="movie_id", help="column kept whole across the split ('' for none)")
     parser.add_argument("--epochs", type=int, default=5, help="training epochs (default: the DAG's, %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64, help="training batch size (default %(default)s)")
-    parser.add_argument("--max-tokens", type=int, default=20000, help="vocabulary size (default %(default)s)")
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="vocabulary size (default %(default)s)")
     parser.add_argument("--single-requests", type=int, default=300, help="one-text predict requests per API")
     parser.add_argument("--batch-requests", type=int, default=50, help="batch predict requests per API")
     parser.add_argument("--request-batch-size", type=int, default=64, help="texts per batch request")
@@ -49,7 +50,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def run_benchmark(args: argparse.Namespace, data_path: Path) -> dict[str, Any]:
     """Run both benchmarks on ``data_path`` in a throwaway file store; returns the JSON-ready result."""
     from benchmarks.pipeline import MODEL_NAME, run_pipeline
-    from benchmarks.serving import measure_serving
+    from benchmarks.serving import measure_serving, measure_serving_memory
     from maas_tasks.storage import FileStore
 
     started = time.perf_counter()
@@ -63,15 +64,17 @@ def run_benchmark(args: argparse.Namespace, data_path: Path) -> dict[str, Any]:
             epochs=args.epochs,
             batch_size=args.batch_size,
         )
+        export_prefix, eval_texts = pipeline.pop("export_prefix"), pipeline.pop("eval_texts")
         serving = measure_serving(
             store,
-            pipeline.pop("export_prefix"),
-            pipeline.pop("eval_texts"),
+            export_prefix,
+            eval_texts,
             model_name=MODEL_NAME,
             single_requests=args.single_requests,
             batch_requests=args.batch_requests,
             batch_size=args.request_batch_size,
         )
+        serving["memory"] = measure_serving_memory(store, export_prefix, eval_texts, model_name=MODEL_NAME)
     return {
         "data": str(data_path),
         "settings": {k: v for k, v in vars(args).items() if k not in ("data", "out")},

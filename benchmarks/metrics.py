@@ -8,16 +8,18 @@ from typing import Any
 
 import numpy as np
 
-from maas_tasks.evaluate import expected_calibration_error, log_loss
+from maas_tasks.evaluate import expected_calibration_error
 
 
 def calibration_summary(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """``log_loss``, ``ece`` (10 bins), ``mean_confidence`` (mean max probability), ``accuracy`` and
     ``saturated`` (share of rows whose max probability rounds to 1.0000)."""
+    from sklearn.metrics import log_loss
+
     scores = np.asarray(scores, dtype=np.float64)
     confidence = scores.max(axis=1)
     return {
-        "log_loss": log_loss(scores, labels),
+        "log_loss": float(log_loss(labels, scores / scores.sum(axis=1, keepdims=True), labels=list(range(scores.shape[1])))),
         "ece": expected_calibration_error(scores, labels),
         "mean_confidence": float(confidence.mean()),
         "accuracy": float((scores.argmax(axis=1) == np.asarray(labels)).mean()),

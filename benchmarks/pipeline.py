@@ -8,7 +8,6 @@ evaluation does not register a version, and export writes version 1.
 from __future__ import annotations
 
 import io
-import json
 import resource
 import time
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from benchmarks.metrics import calibration_summary
+from maas_tasks.features import DEFAULT_MAX_TOKENS
 from maas_tasks.storage import Store
 
 MODEL_NAME = "sentiment"
@@ -43,15 +43,15 @@ def run_pipeline(
     text_col: str = "text",
     label_col: str = "label",
     group_col: str | None = "movie_id",
-    max_tokens: int = 20000,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
     epochs: int = 5,
     batch_size: int = 64,
     device: str = "auto",
 ) -> dict[str, Any]:
     """Run ingest → validate → clean → features → train → evaluate → export on ``data_path``.
 
-    The defaults are the DAG's. Evaluation is timed as the pipeline runs it; the scores are then computed
-    once more, untimed, for the calibration figures (log loss, ECE, mean confidence).
+    The defaults are the DAG's. Evaluation is timed as the pipeline runs it; its scores also give the
+    calibration figures (log loss, ECE, mean confidence).
 
     Returns:
         ``stages`` (name, seconds, peak_rss_mb after the stage), ``rows`` (train/eval), ``metrics``
@@ -62,7 +62,7 @@ def run_pipeline(
         maas_tasks.validate.DataValidationError: the file fails validation (the message says why).
     """
     from maas_tasks.clean import clean_snapshot
-    from maas_tasks.evaluate import evaluate_model, load_model, predict_scores
+    from maas_tasks.evaluate import evaluate_model
     from maas_tasks.export import export_model
     from maas_tasks.features import build_features
     from maas_tasks.ingest import ingest_data, publish_snapshot
@@ -89,6 +89,7 @@ def run_pipeline(
         lambda: train_model(store, features["key"], epochs=epochs, batch_size=batch_size, device=device),
     )
     metrics = _timed(stages, "evaluate", lambda: evaluate_model(store, trained["key"], features["key"]))
+    scores, labels = metrics.pop("scores"), metrics.pop("truth")
     exported = _timed(
         stages,
         "export",
@@ -97,16 +98,16 @@ def run_pipeline(
         ),
     )
 
-    classes = json.loads(store.get_bytes(f"{features['key']}/vectorizer.json"))["classes"]
     eval_df = pd.read_parquet(io.BytesIO(store.get_bytes(f"{features['key']}/eval.parquet")))
-    scores = predict_scores(load_model(store, trained["key"]), eval_df["text"].tolist())
-    labels = [classes.index(label) for label in eval_df["label"]]
     headline = {k: metrics[k] for k in ("accuracy", "precision", "recall", "f1", "roc_auc", "n_eval")}
     return {
         "stages": stages,
         "rows": {"train": features["train_rows"], "eval": features["eval_rows"]},
         "metrics": {**headline, **{k: v for k, v in calibration_summary(scores, labels).items() if k != "accuracy"}},
-        "train": {k: trained.get(k) for k in ("device", "temperature", "train_seconds")},
+        "train": {k: trained.get(k) for k in ("device", "temperature", "train_seconds", "best_epoch")},
+        "vocab_size": features["vocab_size"],
+        "short_probe": metrics.get("short_probe"),
+        "slices": metrics.get("slices"),
         "export_prefix": exported["prefix"],
         "eval_texts": eval_df["text"].tolist(),
     }

@@ -157,3 +157,94 @@ def measure_serving(
         finally:
             server.stop()
     return result
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def _memory_mb(pid: int) -> dict[str, float]:
+    """``rss_mb`` (now) and ``peak_rss_mb`` (VmHWM: the most the process has held) of a Linux process."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            fields[name] = int(value.split()[0]) / 1024
+    return {"rss_mb": fields["VmRSS"], "peak_rss_mb": fields["VmHWM"]}
+
+
+def measure_serving_memory(
+    store: Store,
+    export_prefix: str,
+    texts: Sequence[str],
+    *,
+    model_name: str = "sentiment",
+    batch_size: int = 256,
+    requests: int = 5,
+    start_timeout: float = 120.0,
+) -> dict[str, Any]:
+    """Peak memory of a model server process answering REST requests of ``batch_size`` of the longest ``texts``.
+
+    The server (``python -m serving.server``) runs in its own process, so its figures hold only what serving
+    needs: its RSS once the version is loaded and warm, and its peak (VmHWM) after ``requests`` batches.
+
+    Returns:
+        ``batch_size``, ``words_per_text`` (mean over the batch), ``loaded`` and ``after_batches``
+        (:func:`_memory_mb` dicts), ``batch_peak_increase_mb`` and ``batch_seconds`` (mean per request).
+
+    Raises:
+        BenchmarkError: the server did not come up in ``start_timeout`` seconds or answered wrongly.
+    """
+    import subprocess
+    import sys
+
+    longest = sorted(texts, key=len, reverse=True)[:batch_size]
+    batch = [longest[i % len(longest)] for i in range(batch_size)]
+    body = json.dumps({"instances": batch}).encode()
+    with tempfile.TemporaryDirectory(prefix="maas-bench-memory-") as tmp:
+        version = export_prefix.rstrip("/").rsplit("/", 1)[-1]
+        download_tree(store, export_prefix, Path(tmp) / model_name / version)
+        grpc_port, rest_port = _free_port(), _free_port()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "serving.server", f"--port={grpc_port}", f"--rest_api_port={rest_port}",
+             f"--model_name={model_name}", f"--model_base_path={Path(tmp) / model_name}",
+             "--file_system_poll_wait_seconds=0"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + start_timeout
+            while True:
+                if process.poll() is not None:
+                    raise BenchmarkError(f"the model server exited with status {process.returncode} while starting")
+                try:
+                    connection = http.client.HTTPConnection(HOST, rest_port, timeout=5)
+                    connection.request("GET", f"/v1/models/{model_name}")
+                    if b"AVAILABLE" in connection.getresponse().read():
+                        break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise BenchmarkError(f"the model server did not serve {model_name} within {start_timeout:.0f} s")
+                time.sleep(0.5)
+            loaded = _memory_mb(process.pid)
+            send, close = _rest_sender(rest_port, model_name)
+            try:
+                latencies = _time_requests(send, [body] * requests)
+            finally:
+                close()
+            after = _memory_mb(process.pid)
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+    return {
+        "batch_size": batch_size,
+        "words_per_text": sum(len(t.split()) for t in batch) / len(batch),
+        "loaded": loaded,
+        "after_batches": after,
+        "batch_peak_increase_mb": after["peak_rss_mb"] - loaded["rss_mb"],
+        "batch_seconds": sum(latencies) / len(latencies),
+    }

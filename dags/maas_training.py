@@ -8,13 +8,15 @@ ingest → validate → clean → features → train → evaluate → gate → e
 * **ingest_data** stages an immutable Parquet snapshot of the file in the object store.
 * **validate_data** checks it with Great Expectations (its log lists every check, the rows and any
   failure); bad data fails the run here and leaves no snapshot behind.
-* **clean_data**, **build_features** (train/held-out split, TF-IDF vocabulary), **train_model** (a Keras
-  model whose first layer is the TF-IDF vectorizer, so the served model takes raw text; its log shows
-  the loss and accuracy of every epoch).
+* **clean_data**, **build_features** (train/held-out split; the vocabulary of 1- to 3-word n-grams and
+  their Naive-Bayes weights), **train_model** (a linear model over sparse n-gram features, inside the
+  served graph, so the served model takes raw text; its log shows every epoch and when it stopped early).
 * **evaluate_model** scores the model on the held-out split (its log shows the metrics, the confusion
-  matrix and the gate decision) and registers the next model version: *candidate* when it passes the
-  gate, *rejected* otherwise.
-* **gate_model** stops a rejected model here: it is never exported.
+  matrix, per-length slices and every gate check) and registers the next model version: *candidate* when
+  it passes the gate, *rejected* otherwise. The gate: the minimum accuracy (and ROC AUC, if set), and the
+  serving version (the champion) scored on the same rows: the new model may not be worse beyond the
+  tolerance (paired bootstrap) nor regress on any length slice. *Force promotion* overrides it, on record.
+* **gate_model** stops a rejected model here: export and promotion are skipped, the champion keeps serving.
 * **export_model** writes the SavedModel to `models/<name>/<version>/` in the store, with golden
   requests (held-out texts and the answers the exported model gave);
   **promote_model** makes it the stable version on every model server: it loads beside the serving
@@ -51,7 +53,7 @@ DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(seconds=30), "owner": "ma
 DAGRUN_TIMEOUT_HOURS = 6
 EPOCHS_MAX = 50
 BATCH_SIZES = (16, 32, 64, 128, 256, 512, 1024)
-VOCABULARY_SIZES = (1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000)
+VOCABULARY_SIZES = (500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000, 2_000_000)
 EVAL_FRACTION_RANGE = (0.05, 0.5)
 
 
@@ -132,6 +134,14 @@ def training_params() -> dict[str, Param]:
             ),
             section=data,
         ),
+        "slice_cols": Param(
+            None, type=["null", "string"], maxLength=512, title="Slice columns",
+            description=(
+                "Optional, comma-separated columns (e.g. genre,source) whose values the evaluation reports "
+                "metrics for, in the task log and the evaluation report. Empty: slices by text length only."
+            ),
+            section=data,
+        ),
         "epochs": Param(
             5, type="integer", enum=list(range(1, EPOCHS_MAX + 1)), title="Epochs",
             description=f"Passes over the training split: a whole number from 1 to {EPOCHS_MAX}.", section=training,
@@ -141,13 +151,13 @@ def training_params() -> dict[str, Param]:
             description=f"Texts per training step: one of {', '.join(map(str, BATCH_SIZES))}.", section=training,
         ),
         "max_tokens": Param(
-            20_000,
+            1_000_000,
             type="integer",
             enum=list(VOCABULARY_SIZES),
             values_display={str(n): f"{n:,}" for n in VOCABULARY_SIZES},
             title="Vocabulary size",
             description=(
-                "Most frequent words and word pairs the TF-IDF layer keeps: one of "
+                "Most n-grams (1 to 3 words, each in at least 2 training texts) the model keeps, most frequent first: one of "
                 f"{', '.join(f'{n:,}' for n in VOCABULARY_SIZES)}."
             ),
             section=training,
@@ -166,6 +176,27 @@ def training_params() -> dict[str, Param]:
             description=(
                 "Gate: a model whose held-out accuracy is below this (0 to 1) is registered as rejected, never "
                 "exported, and the serving model stays."
+            ),
+            section=gate,
+        ),
+        "min_roc_auc": Param(
+            None, type=["null", "number"], minimum=0, maximum=1, title="Minimum ROC AUC",
+            description="Gate: optional minimum held-out ROC AUC (0 to 1). Empty: not checked.", section=gate,
+        ),
+        "champion_tolerance": Param(
+            0.01, type="number", minimum=0, maximum=0.2, title="Champion tolerance",
+            description=(
+                "Gate: how much lower (0 to 0.2 of accuracy) the new model may score than the serving version on the "
+                "same held-out rows: it is rejected when a paired bootstrap shows it worse by more than this with "
+                "95 % confidence. No length slice may drop by more than 0.02 plus its own noise band."
+            ),
+            section=gate,
+        ),
+        "force_promote": Param(
+            False, type="boolean", title="Force promotion",
+            description=(
+                "Promote even if the gate rejects the model (an operator's override): the registry records that the "
+                "gate was forced and by which run. The serving checks of promotion still apply."
             ),
             section=gate,
         ),
@@ -234,6 +265,7 @@ def maas_training() -> None:
                 text_col=params["text_col"],
                 label_col=params["label_col"],
                 group_col=params["group_col"] or None,
+                slice_cols=[c.strip() for c in (params["slice_cols"] or "").split(",") if c.strip()],
             )
 
     @task
@@ -259,7 +291,7 @@ def maas_training() -> None:
                 batch_size=params["batch_size"],
                 device=settings.device,
             )
-        return {k: result[k] for k in ("key", "device", "train_seconds")}
+        return {k: result[k] for k in ("key", "device", "train_seconds", "best_epoch")}
 
     @task
     def evaluate_model(
@@ -280,6 +312,9 @@ def maas_training() -> None:
                 features["key"],
                 model_name=params["model_name"] or settings.model_name,
                 min_accuracy=params["min_accuracy"],
+                min_roc_auc=params["min_roc_auc"],
+                champion_tolerance=params["champion_tolerance"],
+                force_promote=bool(params["force_promote"]),
                 snapshot_id=snapshot["snapshot_id"],
                 dag_run_id=run_id,
             )

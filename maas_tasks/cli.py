@@ -249,10 +249,20 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"version    {version['model_name']} v{version['version']} ({version['status']})")
         print(f"metrics    {format_metrics(metrics)}")
         gate = metrics.get("gate") or {}
-        print(f"gate       {'passed' if version['status'] != 'rejected' else 'rejected'}: {gate.get('reason', '')}")
+        verdict = "rejected" if version["status"] == "rejected" else "forced" if gate.get("forced") else "passed"
+        print(f"gate       {verdict}" + (f" (forced by {gate['forced_by']})" if gate.get("forced") else ""))
+        for check in gate.get("checks") or []:
+            print(f"  {'pass' if check['passed'] else 'FAIL'}     {check['detail']}")
+        if not gate.get("checks"):
+            print(f"           {gate.get('reason', '')}")
+        if version["status"] == "rejected":
+            print("           the model is not exported and the serving version keeps serving; to promote it anyway,")
+            print("           run again with --param force_promote=true")
         promoted = {"serving": "yes", "superseded": "no: superseded (a newer version became stable after this one "
                     "was gated, so it stays)"}
         print(f"promoted   {promoted.get(version['status'], 'no')}")
+        if version.get("report_uri"):
+            print(f"report     {version['report_uri']}")
     for outcome in (o for o in outcomes if o.state == "failed"):
         print(f"error      {outcome.task_id} failed: {_paragraph(outcome.error or 'see its log', 600)}")
         print(f"           task log: {outcome.log_path}")

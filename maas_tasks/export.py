@@ -1,4 +1,4 @@
-"""Export stage: turn a trained ``.keras`` model into a TensorFlow Serving version in the object store.
+"""Export stage: turn a trained model into a TensorFlow Serving version in the object store.
 
 The SavedModel is written with Keras's ``ExportArchive`` (a plain ``tf.saved_model.save`` of a Keras
 model does not load in TF Serving's session-based loader) and has one signature, ``serving_default``,
@@ -17,17 +17,22 @@ The version's files go to ``models/<name>/<version>/`` (manifest last) and its m
 from __future__ import annotations
 
 import json
+import logging
+import subprocess
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from maas_tasks.config import check_model_name
 from maas_tasks.errors import PermanentError
-from maas_tasks.evaluate import load_model
+from maas_tasks.model import build_classifier, load_artifact
 from maas_tasks.storage import Store, delete_prefix, upload_tree
 from maas_tasks.tf_runtime import import_tensorflow
-from maas_tasks.train import HISTORY_FILE, model_file_key
+from maas_tasks.train import HISTORY_FILE
+
+log = logging.getLogger(__name__)
 
 SIGNATURE_NAME = "serving_default"
 INPUT_NAME = "text"
@@ -36,6 +41,12 @@ OUTPUT_NAMES = ("classes", "label", "scores")
 # serving node replays before the version may serve, and the answers the exported model gave in process.
 GOLDEN_FILE = "assets.extra/maas_golden.json"
 GOLDEN_HELD_OUT_TEXTS = 32
+# TF Serving replays this file's requests when it loads a version, before the version serves, so the first
+# real request does not pay for graph tracing and table warm-up (the embedded server does the same).
+WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
+WARMUP_BATCH_SIZES = (1, 8, 64)
+MODEL_CARD_FILE = "assets.extra/maas_model_card.json"
+REPORT_FILE = "assets.extra/maas_evaluation_report.html"
 GOLDEN_TOLERANCE = 1e-4
 # Inputs at the edges of what the served graph sees: nothing, one word, unknown words, non-ASCII, a long text.
 _GOLDEN_EDGE_CASES = ["", "ok", "zzqx qqxz", "Très bien, ça m'a plu ! 👍", "long " * 2000]
@@ -93,36 +104,90 @@ def _check_saved_model(path: Path, classes: list[str]) -> None:
         raise ExportError(f"{path}: the exported classes differ from the model's {classes}")
 
 
-def _model_classes(store: Store, model_key: str, model: Any) -> list[str]:
-    """The class names recorded at training time, checked against the model's output width."""
-    prefix = model_file_key(model_key).rsplit("/", 1)[0]
-    classes = [str(c) for c in json.loads(store.get_bytes(f"{prefix}/{HISTORY_FILE}"))["classes"]]
-    width = model.output_shape[-1]
-    if len(classes) != width:
-        raise ExportError(
-            f"{store.uri(prefix)}: {HISTORY_FILE} lists {len(classes)} classes but the model outputs {width} scores; "
-            "the training output is inconsistent: re-run training"
-        )
-    return classes
-
-
-def write_saved_model(model: Any, classes: list[str], path: Path, golden_texts: list[str] | None = None) -> None:
+def write_saved_model(
+    model: Any,
+    classes: list[str],
+    path: Path,
+    golden_texts: list[str] | None = None,
+    warmup_texts: list[str] | None = None,
+) -> dict[str, Any]:
     """Write ``model`` as a SavedModel with the serving contract at ``path`` and verify it.
 
     Args:
         golden_texts: when given, the SavedModel's own answers to them (and to a few edge cases) are
             written to ``GOLDEN_FILE`` inside it, for serving nodes to replay.
+        warmup_texts: when given, ``WARMUP_FILE`` holds Predict requests of them (batches of 1, 8 and 64).
+
+    Returns:
+        ``load_seconds``: how long loading the SavedModel back took (what a model server pays).
     """
     import_tensorflow()
     import keras
 
     archive = keras.export.ExportArchive()
     archive.track(model)
+    # Lookup tables of layers nested in a subclassed model are not found by track(model): track them too.
+    for layer in model._flatten_layers(include_self=False):
+        if getattr(layer, "lookup_table", None) is not None:
+            archive.track(layer.lookup_table)
     archive.add_endpoint(SIGNATURE_NAME, _serving_function(model, classes))
     archive.write_out(str(path), verbose=False)
+    started = time.perf_counter()
     _check_saved_model(path, classes)
+    load_seconds = time.perf_counter() - started
     if golden_texts is not None:
         write_golden_requests(path, [*golden_texts, *_GOLDEN_EDGE_CASES])
+    if warmup_texts:
+        write_warmup_requests(path, warmup_texts)
+    return {"load_seconds": load_seconds}
+
+
+def write_warmup_requests(path: Path, texts: list[str]) -> int:
+    """Write TF Serving's warm-up file: ``PredictionLog`` records of Predict requests on ``texts``.
+
+    Returns the number of requests written.
+    """
+    tf = import_tensorflow()
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+    target = path / WARMUP_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with tf.io.TFRecordWriter(str(target)) as writer:
+        for size in WARMUP_BATCH_SIZES:
+            batch = [texts[i % len(texts)] for i in range(size)]
+            request = predict_pb2.PredictRequest()
+            request.model_spec.signature_name = SIGNATURE_NAME
+            request.inputs[INPUT_NAME].CopyFrom(tf.make_tensor_proto(batch, dtype=tf.string))
+            record = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+            writer.write(record.SerializeToString())
+            written += 1
+    return written
+
+
+def code_version() -> dict[str, Any]:
+    """The MaaS package version and, in a git checkout, the commit (and whether the tree had changes)."""
+    from importlib import metadata
+
+    from maas_tasks.config import project_root
+
+    try:
+        package = metadata.version("maas")
+    except metadata.PackageNotFoundError:
+        package = None
+    commit = dirty = None
+    try:
+        root = project_root()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip() or None
+        dirty = bool(subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True,
+            timeout=5, check=True,
+        ).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass  # not a git checkout (an installed package, a container image): the package version is what there is
+    return {"package": package, "commit": commit, "dirty": dirty}
 
 
 def write_golden_requests(path: Path, texts: list[str]) -> dict[str, Any]:
@@ -149,14 +214,20 @@ def _held_out_texts(store: Store, model_key: str, limit: int = GOLDEN_HELD_OUT_T
 
     import pandas as pd
 
-    prefix = model_file_key(model_key).rsplit("/", 1)[0]
-    features_key = json.loads(store.get_bytes(f"{prefix}/{HISTORY_FILE}"))["features_key"]
+    features_key = json.loads(store.get_bytes(f"{model_key.rstrip('/')}/{HISTORY_FILE}"))["features_key"]
     eval_df = pd.read_parquet(io.BytesIO(store.get_bytes(f"{features_key}/eval.parquet")))
     return [str(text) for text in eval_df["text"].head(limit)]
 
 
 def export_model(
-    store: Store, model_key: str, *, model_name: str, version: int, metadata: dict[str, Any]
+    store: Store,
+    model_key: str,
+    *,
+    model_name: str,
+    version: int,
+    metadata: dict[str, Any],
+    model_card: dict[str, Any] | None = None,
+    report: bytes | None = None,
 ) -> dict[str, Any]:
     """Export the trained model at ``model_key`` as version ``version`` of ``model_name``.
 
@@ -164,24 +235,37 @@ def export_model(
     files are uploaded (manifest last) and the metadata JSON is written last of all.
 
     Args:
-        model_key: the trained ``.keras`` object (or its ``trained/<hash>`` prefix).
+        model_key: the trained model's ``trained/<hash>`` prefix.
         version: a positive integer (TF Serving version directories are numbers).
         metadata: caller's facts to record, e.g. metrics, snapshot key, run id.
+        model_card: written inside the version as ``MODEL_CARD_FILE`` (with the export's size and load
+            time added), so the facts about a version travel with it.
+        report: the evaluation report's HTML page, written inside the version as ``REPORT_FILE``.
 
     Returns:
-        ``prefix`` (``models/<name>/<version>``), ``uri`` of that prefix, ``files`` (the manifest)
-        and ``metadata_key``.
+        ``prefix`` (``models/<name>/<version>``), ``uri`` of that prefix, ``files`` (the manifest),
+        ``metadata_key``, ``size_bytes`` and ``load_seconds``.
     """
     check_model_name(model_name)
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ValueError(f"version {version!r} must be a positive integer (TF Serving version directories are numbers)")
-    model = load_model(store, model_key)
-    classes = _model_classes(store, model_key, model)
+    artifact = load_artifact(store, model_key)
+    model, classes = build_classifier(artifact), artifact.classes
     prefix = version_prefix(model_name, version)
     metadata_key = f"{prefix}.json"
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / str(version)
-        write_saved_model(model, classes, local, golden_texts=_held_out_texts(store, model_key))
+        held_out = _held_out_texts(store, model_key)
+        written = write_saved_model(model, classes, local, golden_texts=held_out, warmup_texts=held_out)
+        size = sum(p.stat().st_size for p in local.rglob("*") if p.is_file())
+        exported = {"size_bytes": size, "load_seconds": round(written["load_seconds"], 3)}
+        if model_card is not None:
+            card = local / MODEL_CARD_FILE
+            card.parent.mkdir(parents=True, exist_ok=True)
+            card.write_text(json.dumps({**model_card, "export": exported}, indent=2, sort_keys=True, default=str))
+        if report is not None:
+            (local / REPORT_FILE).parent.mkdir(parents=True, exist_ok=True)
+            (local / REPORT_FILE).write_bytes(report)
         store.delete(metadata_key)
         delete_prefix(store, prefix)
         files = upload_tree(store, local, prefix)
@@ -194,9 +278,14 @@ def export_model(
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "files": sorted(files),
         "uri": store.uri(prefix),
+        **exported,
     }
     store.put_bytes(metadata_key, json.dumps(record, indent=2, sort_keys=True, default=str).encode())
-    return {"prefix": prefix, "uri": store.uri(prefix), "files": files, "metadata_key": metadata_key}
+    log.info(
+        "exported %s v%d to %s: %.1f MB, loads in %.2f s", model_name, version, store.uri(prefix), size / 1e6,
+        exported["load_seconds"],
+    )
+    return {"prefix": prefix, "uri": store.uri(prefix), "files": files, "metadata_key": metadata_key, **exported}
 
 
 def export_registered_version(
@@ -212,16 +301,53 @@ def export_registered_version(
     if record.status not in ("candidate", "serving"):
         raise ExportError(f"{model_name} v{version} is {record.status}; only a candidate that passed the gate is exported")
     snapshot = registry.get_snapshot(record.snapshot_id) if record.snapshot_id is not None else None
+    snapshot_facts = {"id": snapshot.id, "uri": snapshot.uri, "sha256": snapshot.sha256} if snapshot else None
     exported = export_model(
         store,
         model_key,
         model_name=model_name,
         version=version,
-        metadata={
-            "metrics": record.metrics,
-            "dag_run_id": record.dag_run_id,
-            "snapshot": {"id": snapshot.id, "uri": snapshot.uri, "sha256": snapshot.sha256} if snapshot else None,
-        },
+        metadata={"metrics": record.metrics, "dag_run_id": record.dag_run_id, "snapshot": snapshot_facts},
+        model_card=model_card(store, model_key, record, snapshot_facts),
+        report=_report_page(store, model_name, version) if record.report_uri else None,
     )
     registry.set_artifact(model_name, version, exported["uri"])
     return {"model_name": model_name, "version": version, "prefix": exported["prefix"], "uri": exported["uri"]}
+
+
+def _report_page(store: Store, model_name: str, version: int) -> bytes:
+    from maas_tasks.evaluate import report_prefix
+    from maas_tasks.report import REPORT_FILE as PAGE
+
+    return store.get_bytes(f"{report_prefix(model_name, version)}/{PAGE}")
+
+
+def model_card(store: Store, model_key: str, record: Any, snapshot: dict[str, Any] | None) -> dict[str, Any]:
+    """The facts a reader needs about a version: its data, metrics, gate decision, parameters and origin."""
+    history = json.loads(store.get_bytes(f"{model_key.rstrip('/')}/{HISTORY_FILE}"))
+    features = json.loads(store.get_bytes(f"{history['features_key']}/vectorizer.json"))
+    metrics = dict(record.metrics)
+    gate = metrics.pop("gate", None)
+    thresholds = metrics.pop("thresholds", None)
+    metrics.pop("min_accuracy", None)
+    return {
+        "model_name": record.model_name,
+        "version": record.version,
+        "classes": history["classes"],
+        "data_snapshot": snapshot,
+        "metrics": metrics,
+        "gate": gate,
+        "thresholds": thresholds,
+        "parameters": {
+            **history["params"],
+            **{k: features.get(k) for k in ("ngrams", "min_df", "max_tokens", "weighting")},
+        },
+        "vocab_size": history.get("vocab_size"),
+        "training": {
+            k: history.get(k) for k in ("device", "train_seconds", "best_epoch", "calibration", "features_key")
+        },
+        "code_version": code_version(),
+        "dag_run_id": record.dag_run_id,
+        "model_key": model_key,
+        "evaluation_report": record.report_uri,
+    }

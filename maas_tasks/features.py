@@ -1,10 +1,11 @@
-"""Feature stage: a leak-free train/eval split and the TF-IDF vocabulary fit on the train side only.
+"""Feature stage: a leak-free train/eval split, and the n-gram vocabulary and term weights fit on the train side.
 
 The split keeps every row of a ``group`` (e.g. all reviews of one movie) on one side: a random
 split leaks group-specific words (names, titles) into evaluation and overstates accuracy. The
-vectorizer is Keras's ``TextVectorization`` in TF-IDF mode; its vocabulary and idf weights are
-stored as JSON so training can rebuild the identical layer inside the end-to-end model that is
-finally served. TensorFlow is imported inside the functions so DAG parsing stays cheap.
+vocabulary is counted with the served model's own tokenizer (:mod:`maas_tasks.model`), so training and
+serving see the same n-grams; each term gets a weight (Naive-Bayes log-count ratio by default, the
+TF-IDF-style weighting that suits sentiment best, Wang & Manning 2012). TensorFlow is imported inside the
+functions so DAG parsing stays cheap.
 """
 
 from __future__ import annotations
@@ -13,16 +14,27 @@ import hashlib
 import io
 import json
 import logging
+import time
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
+from maas_tasks.model import VOCABULARY_FILE, ngram_tokens, read_vocabulary
 from maas_tasks.storage import Store
 from maas_tasks.tf_runtime import import_tensorflow
 
 log = logging.getLogger(__name__)
 
-OOV_TOKEN = "[UNK]"
+TERM_WEIGHTS_FILE = "term_weights.npy"
+WEIGHTINGS = ("nb", "idf", "binary")
+# Chosen on a movie-disjoint split of the IMDB train set (docs/model.md): 1- to 3-grams found in at
+# least two texts, Naive-Bayes weighted. The cap only bites on large corpora (IMDB keeps ~0.8M).
+DEFAULT_NGRAMS = 3
+DEFAULT_MIN_DF = 2
+DEFAULT_MAX_TOKENS = 1_000_000
+DEFAULT_WEIGHTING = "nb"
 
 
 def _bucket(value: str, seed: int) -> int:
@@ -76,31 +88,119 @@ def split_frame(
     return train_df, eval_df
 
 
-def fit_vectorizer(texts: list[str], *, max_tokens: int = 20000, ngrams: int = 2) -> dict[str, Any]:
-    """Fit a TF-IDF ``TextVectorization`` on ``texts`` (the train side only).
+def count_ngrams(
+    texts: Sequence[str], labels: Sequence[int], n_classes: int, *, ngrams: int, batch_size: int = 512
+) -> tuple[list[str], np.ndarray]:
+    """Every n-gram of ``texts`` and, per class, the number of texts of that class that contain it.
+
+    Counting runs in TensorFlow (the served model's own tokenizer, :func:`maas_tasks.model.ngram_tokens`);
+    the partial tables are merged every few batches so memory follows the number of distinct n-grams,
+    not the number of texts.
 
     Returns:
-        ``vocabulary`` (tokens without the OOV token, most frequent first), ``idf_weights`` (one per
-        vocabulary token), ``ngrams`` and ``max_tokens``: exactly what the layer's constructor takes back.
+        The n-grams (unsorted) and an ``[n-grams, n_classes]`` int64 array of document counts.
+    """
+    tf = import_tensorflow()
+
+    labels = np.asarray(labels, dtype=np.int64)
+    tokens: list[Any] = []
+    counts: list[Any] = []
+
+    def merge() -> None:
+        unique, index = tf.unique(tf.concat(tokens, axis=0))
+        merged = tf.math.unsorted_segment_sum(tf.concat(counts, axis=0), index, tf.size(unique))
+        tokens[:], counts[:] = [unique], [merged]
+
+    for start in range(0, len(texts), batch_size):
+        grams = ngram_tokens(tf.constant(list(texts[start:start + batch_size]), dtype=tf.string), ngrams)
+        unique, index = tf.unique(grams.flat_values)
+        n_unique = tf.size(unique, out_type=tf.int64)
+        pairs, _ = tf.unique(grams.value_rowids() * n_unique + tf.cast(index, tf.int64))  # (text, n-gram) once
+        classes = tf.gather(tf.constant(labels[start:start + batch_size]), pairs // n_unique)
+        cells = (pairs % n_unique) * n_classes + classes
+        table = tf.math.bincount(cells, minlength=n_unique * n_classes, maxlength=n_unique * n_classes, dtype=tf.int64)
+        tokens.append(unique)
+        counts.append(tf.reshape(table, [-1, n_classes]))
+        if len(tokens) >= 8:
+            merge()
+    if not tokens:
+        return [], np.zeros((0, n_classes), dtype=np.int64)
+    merge()
+    names = [token.decode("utf-8") for token in tokens[0].numpy()]
+    return names, counts[0].numpy()
+
+
+def term_weights(counts: np.ndarray, class_sizes: np.ndarray, weighting: str, *, alpha: float = 1.0) -> np.ndarray:
+    """One weight per term from its per-class document counts.
+
+    ``nb``: the Naive-Bayes log-count ratio (Wang & Manning 2012) of the class the term speaks for most,
+    ``max_k |log(p_k / q_k)|`` where ``p_k`` is the term's smoothed share among class ``k``'s n-gram
+    occurrences and ``q_k`` the same among the other classes' (for two classes: ``|r|`` of NBSVM; the sign
+    is the linear layer's to learn). ``idf``: ``log((1 + n) / (1 + df)) + 1``. ``binary``: 1.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    if weighting == "binary":
+        return np.ones(len(counts), dtype=np.float32)
+    if weighting == "idf":
+        n = float(np.sum(class_sizes))
+        return (np.log((1 + n) / (1 + counts.sum(axis=1))) + 1).astype(np.float32)
+    if weighting != "nb":
+        raise ValueError(f"weighting {weighting!r} is not one of {', '.join(WEIGHTINGS)}")
+    p = counts + alpha
+    p = p / p.sum(axis=0, keepdims=True)
+    rest = counts.sum(axis=1, keepdims=True) - counts + alpha
+    q = rest / rest.sum(axis=0, keepdims=True)
+    return np.abs(np.log(p) - np.log(q)).max(axis=1).astype(np.float32)
+
+
+def fit_vectorizer(
+    texts: Sequence[str],
+    labels: Sequence[Any],
+    classes: Sequence[Any],
+    *,
+    max_tokens: int | None = DEFAULT_MAX_TOKENS,
+    ngrams: int = DEFAULT_NGRAMS,
+    min_df: int = DEFAULT_MIN_DF,
+    weighting: str = DEFAULT_WEIGHTING,
+) -> dict[str, Any]:
+    """Choose the vocabulary on ``texts`` (the train side only) and weigh its terms.
+
+    The vocabulary is every 1- to ``ngrams``-gram found in at least ``min_df`` texts, the most frequent
+    first (ties by the token, so the order is the same on every machine), at most ``max_tokens`` of them.
+
+    Returns:
+        ``vocabulary``, ``term_weights`` (one per token, see :func:`term_weights`), ``document_frequency``,
+        ``ngrams``, ``min_df``, ``max_tokens`` and ``weighting``.
 
     Raises:
-        ValueError: ``texts`` is empty.
+        ValueError: ``texts`` is empty, or a parameter is out of range.
     """
-    import numpy as np
-
-    tf = import_tensorflow()
-    import keras
-
     if len(texts) == 0:
         raise ValueError("cannot fit a vectorizer on no texts; the train side is empty")
-    layer = keras.layers.TextVectorization(max_tokens=max_tokens, ngrams=ngrams, output_mode="tf_idf")
-    layer.adapt(tf.data.Dataset.from_tensor_slices(tf.constant(list(texts), dtype=tf.string)).batch(1024))
-    vocabulary = [str(token) for token in layer.get_vocabulary()]
-    idf_weights = np.asarray(layer._lookup_layer.idf_weights, dtype=np.float64).tolist()
-    # The layer reports the OOV token (and its idf) first; its constructor wants them left out.
-    if vocabulary and vocabulary[0] == OOV_TOKEN:
-        vocabulary, idf_weights = vocabulary[1:], idf_weights[1:]
-    return {"vocabulary": vocabulary, "idf_weights": idf_weights, "ngrams": ngrams, "max_tokens": max_tokens}
+    if not 1 <= ngrams <= 3 or min_df < 1 or (max_tokens is not None and max_tokens < 1):
+        raise ValueError(
+            f"ngrams={ngrams} must be 1 to 3, min_df={min_df} at least 1 and max_tokens={max_tokens} at least 1"
+        )
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting {weighting!r} is not one of {', '.join(WEIGHTINGS)}")
+    index = {label: i for i, label in enumerate(classes)}
+    label_ids = np.asarray([index[label] for label in labels], dtype=np.int64)
+    tokens, counts = count_ngrams(texts, label_ids, len(classes), ngrams=ngrams)
+    df = counts.sum(axis=1)
+    kept = [i for i in np.flatnonzero(df >= min_df) if tokens[i]]
+    kept.sort(key=lambda i: (-int(df[i]), tokens[i]))
+    kept = kept[:max_tokens] if max_tokens is not None else kept
+    class_sizes = np.bincount(label_ids, minlength=len(classes))
+    weights = term_weights(counts[kept], class_sizes, weighting) if kept else np.zeros(0, dtype=np.float32)
+    return {
+        "vocabulary": [tokens[i] for i in kept],
+        "term_weights": weights,
+        "document_frequency": df[kept],
+        "ngrams": ngrams,
+        "min_df": min_df,
+        "max_tokens": max_tokens,
+        "weighting": weighting,
+    }
 
 
 def _to_parquet(df: pd.DataFrame) -> bytes:
@@ -113,45 +213,73 @@ def build_features(
     store: Store,
     cleaned_key: str,
     *,
-    max_tokens: int = 20000,
-    ngrams: int = 2,
+    max_tokens: int | None = DEFAULT_MAX_TOKENS,
+    ngrams: int = DEFAULT_NGRAMS,
+    min_df: int = DEFAULT_MIN_DF,
+    weighting: str = DEFAULT_WEIGHTING,
     eval_fraction: float = 0.2,
     seed: int = 13,
 ) -> dict[str, Any]:
-    """Split the cleaned table and fit the vectorizer; write ``features/<hash>/``.
+    """Split the cleaned table and fit the vocabulary and term weights; write ``features/<hash>/``.
 
-    Writes ``train.parquet``, ``eval.parquet`` and, last (the commit point), ``vectorizer.json``
-    (vocabulary, idf_weights, ngrams, max_tokens, classes sorted by name). The hash covers the
-    cleaned table's bytes and the arguments, so a re-run writes the same prefix.
+    Writes ``train.parquet``, ``eval.parquet``, ``vocabulary.txt``, ``term_weights.npy`` and, last (the
+    commit point), ``vectorizer.json`` (ngrams, min_df, max_tokens, weighting, vocab_size, classes sorted by
+    name). The hash covers the cleaned table's bytes and the arguments, so a re-run writes the same prefix.
 
     Returns:
         ``key`` (the prefix), ``train_rows``, ``eval_rows``, ``classes`` and ``vocab_size``.
     """
+    started = time.perf_counter()
     raw = store.get_bytes(cleaned_key)
     df = pd.read_parquet(io.BytesIO(raw))
     try:
         train_df, eval_df = split_frame(df, eval_fraction=eval_fraction, seed=seed)
     except ValueError as exc:
         raise ValueError(f"{store.uri(cleaned_key)}: {exc}") from None
-    vectorizer = fit_vectorizer(train_df["text"].tolist(), max_tokens=max_tokens, ngrams=ngrams)
     classes = sorted(df["label"].unique().tolist())
-    vectorizer["classes"] = classes
-    params = {"max_tokens": max_tokens, "ngrams": ngrams, "eval_fraction": eval_fraction, "seed": seed}
+    fitted = fit_vectorizer(
+        train_df["text"].tolist(), train_df["label"].tolist(), classes,
+        max_tokens=max_tokens, ngrams=ngrams, min_df=min_df, weighting=weighting,
+    )
+    params = {
+        "max_tokens": max_tokens, "ngrams": ngrams, "min_df": min_df, "weighting": weighting,
+        "eval_fraction": eval_fraction, "seed": seed,
+    }
     digest = hashlib.sha256(raw)
     digest.update(json.dumps(params, sort_keys=True).encode())
     prefix = f"features/{digest.hexdigest()[:16]}"
     store.put_bytes(f"{prefix}/train.parquet", _to_parquet(train_df))
     store.put_bytes(f"{prefix}/eval.parquet", _to_parquet(eval_df))
+    store.put_bytes(f"{prefix}/{VOCABULARY_FILE}", "\n".join(fitted["vocabulary"]).encode("utf-8"))
+    buffer = io.BytesIO()
+    np.save(buffer, fitted["term_weights"])
+    store.put_bytes(f"{prefix}/{TERM_WEIGHTS_FILE}", buffer.getvalue())
+    vectorizer = {
+        **{k: fitted[k] for k in ("ngrams", "min_df", "max_tokens", "weighting")},
+        "vocab_size": len(fitted["vocabulary"]),
+        "classes": classes,
+    }
     store.put_bytes(f"{prefix}/vectorizer.json", json.dumps(vectorizer).encode())
     log.info(
-        "split %d rows into %d for training and %d held out%s; vocabulary of %d terms (1- to %d-grams, at most "
-        "%d); classes %s", len(df), len(train_df), len(eval_df), " (whole groups)" if "group" in df.columns else "",
-        len(vectorizer["vocabulary"]), ngrams, max_tokens, ", ".join(map(str, classes)),
+        "split %d rows into %d for training and %d held out%s; vocabulary of %d n-grams (1 to %d words, in at "
+        "least %d texts%s), %s term weights; classes %s (%.1f s)", len(df), len(train_df), len(eval_df),
+        " (whole groups)" if "group" in df.columns else "", len(fitted["vocabulary"]), ngrams, min_df,
+        f", at most {max_tokens:,}" if max_tokens else "", weighting, ", ".join(map(str, classes)),
+        time.perf_counter() - started,
     )
     return {
         "key": prefix,
         "train_rows": len(train_df),
         "eval_rows": len(eval_df),
         "classes": classes,
-        "vocab_size": len(vectorizer["vocabulary"]),
+        "vocab_size": len(fitted["vocabulary"]),
     }
+
+
+def load_vectorizer(store: Store, features_key: str) -> dict[str, Any]:
+    """A feature prefix's ``vectorizer.json`` with its ``vocabulary`` and ``term_weights`` read back in."""
+    features_key = features_key.rstrip("/")
+    vectorizer = json.loads(store.get_bytes(f"{features_key}/vectorizer.json"))
+    vectorizer["vocabulary"] = read_vocabulary(store.get_bytes(f"{features_key}/{VOCABULARY_FILE}"))
+    vectorizer["term_weights"] = np.load(io.BytesIO(store.get_bytes(f"{features_key}/{TERM_WEIGHTS_FILE}")))
+    return vectorizer

@@ -130,6 +130,7 @@ class ModelVersion:
     created_at: datetime
     updated_at: datetime
     pinned: bool = False
+    report_uri: str | None = None
 
 
 @dataclass(frozen=True)
@@ -437,14 +438,25 @@ class Registry:
         Raises:
             VersionNotFound: no such version.
         """
+        self._set_location(model_name, version, "artifact_uri", uri, "artifact_set")
+
+    def set_report(self, model_name: str, version: int, uri: str) -> None:
+        """Record where the evaluation report of a version lives.
+
+        Raises:
+            VersionNotFound: no such version.
+        """
+        self._set_location(model_name, version, "report_uri", uri, "report_written")
+
+    def _set_location(self, model_name: str, version: int, column: str, uri: str, event: str) -> None:
         with self._transaction() as cur:
             cur.execute(
-                "UPDATE model_versions SET artifact_uri = %s WHERE model_name = %s AND version = %s",
+                f"UPDATE model_versions SET {column} = %s WHERE model_name = %s AND version = %s",
                 (uri, model_name, version),
             )
             if cur.rowcount == 0:
                 raise VersionNotFound(f"{model_name} version {version} is not in the registry")
-            self._insert_event(cur, "artifact_set", model_name, version, {"artifact_uri": uri})
+            self._insert_event(cur, event, model_name, version, {column: uri})
 
     def mark_serving(
         self,
@@ -807,7 +819,7 @@ class Registry:
         with self._transaction() as cur:
             cur.execute(
                 "SELECT model_name, version, status, metrics, artifact_uri, snapshot_id, dag_run_id, created_at,"
-                f" updated_at, pinned FROM model_versions {where} ORDER BY model_name, version",
+                f" updated_at, pinned, report_uri FROM model_versions {where} ORDER BY model_name, version",
                 params,
             )
             return [ModelVersion(*row) for row in cur.fetchall()]

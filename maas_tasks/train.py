@@ -1,15 +1,15 @@
-"""Training stage: a linear TF-IDF classifier, saved as one end-to-end Keras model that takes raw strings.
+"""Training stage: fit the linear layer of the served n-gram model (:mod:`maas_tasks.model`) on the train split.
 
-The model is ``TextVectorization`` (TF-IDF, vocabulary and idf weights from the feature stage) →
-binary term frequency → L2 normalisation → a softmax ``Dense`` layer: a strong, fast baseline for text
-classification. Training vectorises the texts once (a sparse matrix) and fits only the ``Dense`` layer
-on the selected device, which is then shared with the end-to-end model that is saved, so serving needs
-no Python preprocessing.
+The texts are featurised once, with the served model's own ``features`` (sparse, weighted n-gram presence
+of unit length), and a softmax layer over them is fitted with SGD and Nesterov momentum (on unit-length
+sparse features it generalises better than Adam, whose per-weight step sizes let rare n-grams grow as fast
+as common ones: docs/model.md). A slice of the train side (whole groups) is held out as the validation
+side: training stops early when its loss stops improving and keeps the best epoch, and a temperature is
+fitted on it (Guo et al. 2017), so scores read as probabilities: a length-aware one, fitted on the
+validation texts and on their first words, because one temperature leaves short texts overconfident.
 
-The scores are meant to be read as probabilities, so training aims at calibration as well as accuracy:
-decoupled weight decay keeps the weights (and so the scores of short texts) bounded, and when the train
-side is large enough a slice of it is held out to fit a temperature that is folded into the ``Dense``
-layer (Guo et al. 2017, "On Calibration of Modern Neural Networks").
+Runs are deterministic (seeded shuffling, TensorFlow's deterministic ops). On a machine with several
+GPUs the layer is trained under ``tf.distribute.MirroredStrategy``, on one GPU on that GPU, else on the CPU.
 """
 
 from __future__ import annotations
@@ -18,33 +18,52 @@ import hashlib
 import io
 import json
 import logging
-import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from maas_tasks.config import DEVICE_CHOICES
-from maas_tasks.features import OOV_TOKEN, split_frame
+from maas_tasks.features import load_vectorizer, split_frame
+from maas_tasks.model import Artifact, build_classifier, first_words, save_artifact
 from maas_tasks.storage import Store
 from maas_tasks.tf_runtime import import_tensorflow
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.keras"
 HISTORY_FILE = "history.json"
-# Measured on a movie-grouped split of the IMDB train set (20k/5k, 20k tokens, 5 epochs of 64): unit-length
-# inputs need a high Adam rate to learn in few steps (the 400-row sample), and a plain L2 penalty does not
-# hold back the weights of rare terms under Adam; decoupled decay does (Loshchilov & Hutter 2019).
-DEFAULT_LEARNING_RATE = 0.1
-DEFAULT_WEIGHT_DECAY = 0.1
+# SGD's learning rate is this over the features' curvature (see curvature()). Measured on a movie-disjoint
+# IMDB split (curvature ~0.009): rates of 4 to 8 reach the best validation loss in 2 to 4 epochs; on small
+# templated data (curvature ~0.09) the same product keeps the first epochs from overshooting.
+STEP_PER_CURVATURE = 0.075
+MAX_LEARNING_RATE = 100.0
+# Tiny data still gets this many SGD steps per epoch (the data repeated), or a few epochs are too few steps.
+MIN_STEPS_PER_EPOCH = 20
+MOMENTUM = 0.9
+WARMUP_EPOCHS = 0.0
+DEFAULT_PATIENCE = 1
 DEFAULT_CALIBRATION_FRACTION = 0.1
 # Below this many held-out rows a fitted temperature is noise (and a separable slice drives it to zero).
 MIN_CALIBRATION_ROWS = 200
 _TEMPERATURE_BOUNDS = (0.1, 10.0)
+# The validation texts are also cut to their first words at these lengths to fit the length-aware temperature.
+CALIBRATION_PREFIX_WORDS = (6, 12, 25, 50)
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """Where training runs: ``strategy`` is ``mirrored`` (all GPUs), ``one_device`` (one GPU) or ``default``."""
+
+    strategy: str
+    devices: tuple[str, ...]
+
+    def describe(self) -> str:
+        if self.strategy == "mirrored":
+            return f"MirroredStrategy over {len(self.devices)} GPUs ({', '.join(self.devices)})"
+        return self.devices[0]
 
 
 def select_device(preference: str = "auto", devices: Sequence[Any] | None = None) -> str:
@@ -82,74 +101,38 @@ def select_device(preference: str = "auto", devices: Sequence[Any] | None = None
     return "/CPU:0"
 
 
-def _feature_layers(vectorizer: dict[str, Any]) -> list[Any]:
-    """Raw strings → unit-length binary TF-IDF vectors: the layers every model built here starts with."""
-    import_tensorflow()
-    import keras
+def plan_devices(preference: str = "auto", devices: Sequence[Any] | None = None) -> DevicePlan:
+    """The distribution strategy and devices to train on (see :func:`select_device` for ``preference``).
 
-    # Index 0 is the out-of-vocabulary bucket. Keras would give it the mean idf, and as it counts every
-    # unknown word and bigram it dominated long reviews' norms and shrank the real terms (so the head
-    # needed huge weights, which saturated the scores of short texts): idf 0 leaves it out.
-    idf = np.asarray([0.0, *vectorizer["idf_weights"]], dtype=np.float32)
-    zeros = np.zeros_like(idf)
-    return [
-        keras.layers.TextVectorization(
-            max_tokens=vectorizer["max_tokens"],
-            ngrams=vectorizer["ngrams"],
-            output_mode="tf_idf",
-            vocabulary=[OOV_TOKEN, *vectorizer["vocabulary"]],
-            idf_weights=idf,
-            name="tfidf",
-        ),
-        # Binary term frequency (a term counts once, weighted by its idf) suits sentiment better than raw
-        # counts (Wang & Manning 2012; +0.6 accuracy points on IMDB here). TextVectorization has no such
-        # mode, so: divide by idf to get the counts, cap them at 1, multiply by idf again.
-        keras.layers.Normalization(mean=zeros, variance=idf**2, name="term_counts"),
-        keras.layers.ReLU(max_value=1.0, name="term_presence"),
-        keras.layers.Normalization(mean=zeros, variance=idf**2, invert=True, name="idf_weighting"),
-        # Unit length per text: long and short reviews get comparable feature scales.
-        keras.layers.UnitNormalization(name="l2_normalize"),
-    ]
-
-
-def _scores_layer(n_classes: int) -> Any:
-    import_tensorflow()
-    import keras
-
-    return keras.layers.Dense(n_classes, activation="softmax", name="scores")
-
-
-def _apply(layers: list[Any], x: Any) -> Any:
-    for layer in layers:
-        x = layer(x)
-    return x
-
-
-def _end_to_end(features: list[Any], scores: Any) -> Any:
-    import_tensorflow()
-    import keras
-
-    text = keras.Input(shape=(), dtype="string", name="text")
-    return keras.Model(text, scores(_apply(features, text)), name="tfidf_linear")
-
-
-def build_model(vectorizer: dict[str, Any]) -> Any:
-    """The end-to-end classifier: a batch of raw strings in, class probabilities out.
-
-    Args:
-        vectorizer: the feature stage's ``vectorizer.json`` (vocabulary, idf_weights, ngrams,
-            max_tokens, classes).
+    Several GPUs: ``MirroredStrategy`` over all of them (each step's batch is split between them and the
+    gradients summed). Mixed precision is not used: a sparse linear layer is bound by memory traffic, not
+    arithmetic, and float16 sparse matmuls are not supported on every device.
     """
-    return _end_to_end(_feature_layers(vectorizer), _scores_layer(len(vectorizer["classes"])))
+    device = select_device(preference, devices)
+    if device == "/CPU:0":
+        return DevicePlan("default", ("/CPU:0",))
+    if devices is None:
+        tf = import_tensorflow()
+
+        devices = tf.config.list_physical_devices("GPU")
+    gpus = [d for d in devices if "GPU" in str(getattr(d, "device_type", d)).upper()]
+    names = tuple(f"/GPU:{i}" for i in range(len(gpus)))
+    return DevicePlan("mirrored", names) if len(names) > 1 else DevicePlan("one_device", ("/GPU:0",))
+
+
+def make_strategy(plan: DevicePlan) -> Any:
+    """The ``tf.distribute`` strategy of ``plan``."""
+    tf = import_tensorflow()
+
+    if plan.strategy == "mirrored":
+        return tf.distribute.MirroredStrategy(devices=list(plan.devices))
+    if plan.strategy == "one_device":
+        return tf.distribute.OneDeviceStrategy(plan.devices[0])
+    return tf.distribute.get_strategy()
 
 
 def _read_parquet(store: Store, key: str) -> pd.DataFrame:
     return pd.read_parquet(io.BytesIO(store.get_bytes(key)))
-
-
-def model_file_key(model_key: str) -> str:
-    """The ``.keras`` object of a trained model, given that key or its ``trained/<hash>`` prefix."""
-    return model_key if model_key.endswith(".keras") else f"{model_key.rstrip('/')}/{MODEL_FILE}"
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -186,48 +169,109 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.exp((low + high) / 2))
 
 
-def _featurize(features: list[Any], texts: list[str], batch_size: int = 256) -> Any:
-    """All ``texts`` through the feature layers once, as one sparse matrix (most of a row is zeros).
+def fit_length_calibration(logits: np.ndarray, known: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """``(a, b)`` minimising the log loss of ``softmax(logits / exp(a + b / sqrt(1 + known)))``.
 
-    Each batch is dense (texts x vocabulary, once per layer) until it is converted, so batches stay small:
-    on IMDB, 1024 texts a batch cost ~0.5 GB more peak memory than 256, and were no faster.
+    One temperature for every text leaves short texts overconfident: a dozen words give few n-grams, each
+    of which weighs much after the unit-length scaling. ``known`` (each row's number of known n-grams) lets
+    the temperature grow for short texts. Starts from the best single temperature (``b = 0``), so the fit
+    is never worse than it on these rows; the temperature stays within [0.1, 10] for every length.
+    """
+    from scipy.optimize import minimize
+
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    scale = 1.0 / np.sqrt(1.0 + np.asarray(known, dtype=np.float64))
+    picked = logits[np.arange(len(labels)), labels]
+    low, high = np.log(_TEMPERATURE_BOUNDS[0]), np.log(_TEMPERATURE_BOUNDS[1])
+
+    def log_loss(params: np.ndarray) -> float:
+        log_t = np.clip(params[0] + params[1] * scale, low, high)
+        z = logits / np.exp(log_t)[:, None]
+        top = z.max(axis=1)
+        return float(np.mean(top + np.log(np.exp(z - top[:, None]).sum(axis=1)) - picked / np.exp(log_t)))
+
+    start = np.array([np.log(fit_temperature(logits, labels)), 0.0])
+    best = minimize(log_loss, start, method="Nelder-Mead", options={"xatol": 1e-4, "fatol": 1e-7, "maxiter": 400})
+    a, b = (best.x if best.fun <= log_loss(start) else start).tolist()
+    return float(a), float(b)
+
+
+def _schedule(learning_rate: float, steps: int, warmup: int) -> Any:
+    """Linear warm-up over ``warmup`` steps to ``learning_rate``, then cosine decay to 0."""
+    import keras
+
+    if warmup == 0:
+        return keras.optimizers.schedules.CosineDecay(learning_rate, steps)
+    return keras.optimizers.schedules.CosineDecay(
+        0.0, steps - warmup, warmup_target=learning_rate, warmup_steps=warmup
+    )
+
+
+def curvature(x: Any, iterations: int = 20) -> float:
+    """The largest eigenvalue of ``XᵀX / n`` for the sparse feature matrix ``x`` (power iteration).
+
+    It measures how much a step on one text moves the scores of the others: large when texts share many
+    n-grams (small templated data), small for long varied texts over a big vocabulary. Dividing the learning
+    rate by it makes one default work on both (the step that suits logistic regression is ~1/curvature).
     """
     tf = import_tensorflow()
 
-    def to_sparse(batch: tf.Tensor) -> tf.SparseTensor:
-        return tf.sparse.from_dense(_apply(features, batch))
+    n = tf.cast(x.dense_shape[0], tf.float32)
+    u = tf.fill([tf.cast(x.dense_shape[1], tf.int32), 1], 1.0)
+    value = tf.constant(0.0)
+    for _ in range(iterations):
+        w = tf.sparse.sparse_dense_matmul(x, tf.sparse.sparse_dense_matmul(x, u), adjoint_a=True) / n
+        value = tf.norm(w)
+        if float(value) == 0.0:
+            return 0.0
+        u = w / value
+    return float(value)
 
-    dataset = tf.data.Dataset.from_tensor_slices(tf.constant(texts, dtype=tf.string)).batch(batch_size)
-    return tf.sparse.concat(axis=0, sp_inputs=list(dataset.map(to_sparse, num_parallel_calls=tf.data.AUTOTUNE)))
+
+def featurize(model: Any, texts: Sequence[str], batch_size: int = 512) -> Any:
+    """``texts`` through the model's own ``features``, as one ``[len(texts), V + 1]`` SparseTensor."""
+    tf = import_tensorflow()
+
+    parts = [
+        model.features(tf.constant(list(texts[start:start + batch_size]), dtype=tf.string))
+        for start in range(0, len(texts), batch_size)
+    ]
+    if not parts:
+        return tf.SparseTensor(tf.zeros([0, 2], tf.int64), tf.zeros([0]), [0, model.width])
+    return tf.sparse.concat(axis=0, sp_inputs=parts)
 
 
-def _epoch_logger(epochs: int) -> Any:
-    """A Keras callback that logs each epoch's loss and accuracy (train and held-out) and its duration."""
+def _epoch_logger(epochs: int, has_validation: bool) -> Any:
+    """A Keras callback logging each epoch's loss and accuracy (train and validation), its time and the time left."""
     import keras
 
     started: list[float] = []
+    durations: list[float] = []
 
     def begin(epoch: int, logs: dict | None = None) -> None:
         started[:] = [time.perf_counter()]
 
     def end(epoch: int, logs: dict | None = None) -> None:
         logs = logs or {}
-        held_out = (
-            f"; held-out loss {logs['val_loss']:.4f}, accuracy {logs['val_accuracy']:.4f}" if "val_loss" in logs else ""
+        durations.append(time.perf_counter() - started[0])
+        validation = (
+            f"; validation loss {logs['val_loss']:.4f}, accuracy {logs['val_accuracy']:.4f}" if has_validation else ""
         )
+        left = (epochs - epoch - 1) * float(np.mean(durations))
         log.info(
-            "epoch %d/%d: loss %.4f, accuracy %.4f%s (%.1f s)", epoch + 1, epochs, logs.get("loss", float("nan")),
-            logs.get("accuracy", float("nan")), held_out, time.perf_counter() - started[0],
+            "epoch %d/%d: loss %.4f, accuracy %.4f%s (%.1f s; at most %.0f s left)", epoch + 1, epochs,
+            logs.get("loss", float("nan")), logs.get("accuracy", float("nan")), validation, durations[-1], left,
         )
 
     return keras.callbacks.LambdaCallback(on_epoch_begin=begin, on_epoch_end=end)
 
 
 def _split_calibration(train_df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Hold out about ``fraction`` of the train side (whole groups) to fit the temperature on.
+    """Hold out about ``fraction`` of the train side (whole groups) as the validation side.
 
-    Returns the rows to fit on and the held-out rows; the latter is empty (no temperature is fitted) when
-    ``fraction`` is 0 or it would be smaller than :data:`MIN_CALIBRATION_ROWS`.
+    Returns the rows to fit on and the held-out rows; the latter is empty (no early stopping, no
+    temperature) when ``fraction`` is 0 or it would be smaller than :data:`MIN_CALIBRATION_ROWS`.
     """
     if fraction == 0 or fraction * len(train_df) < MIN_CALIBRATION_ROWS:
         return train_df, train_df.iloc[:0]
@@ -237,37 +281,41 @@ def _split_calibration(train_df: pd.DataFrame, fraction: float, seed: int) -> tu
         return train_df, train_df.iloc[:0]
 
 
+def _labels(df: pd.DataFrame, classes: list[Any]) -> np.ndarray:
+    index = {label: i for i, label in enumerate(classes)}
+    return np.asarray([index[label] for label in df["label"]], dtype=np.int32)
+
+
 def train_model(
     store: Store,
     features_key: str,
     *,
     epochs: int = 5,
     batch_size: int = 64,
-    learning_rate: float = DEFAULT_LEARNING_RATE,
-    weight_decay: float = DEFAULT_WEIGHT_DECAY,
+    learning_rate: float | None = None,
+    patience: int = DEFAULT_PATIENCE,
     calibration_fraction: float = DEFAULT_CALIBRATION_FRACTION,
     device: str = "auto",
     seed: int = 13,
+    devices: Sequence[Any] | None = None,
 ) -> dict[str, Any]:
-    """Train the classifier on ``features_key``'s train split and save it end to end.
+    """Train the classifier on ``features_key``'s train split and store it (``trained/<hash>/``).
 
-    The texts are vectorised once (sparse). The ``scores`` layer is fitted with AdamW (Adam with
-    decoupled weight decay) and a learning rate that decays to zero over the run (cosine), so the last
-    epochs settle instead of wandering; then, if a calibration slice was held out, its temperature is
-    fitted and folded into the layer's kernel and bias (the argmax, so accuracy, does not change).
-    Writes ``trained/<hash>/model.keras`` and then ``history.json`` (per-epoch loss/accuracy on train
-    and eval, the temperature, the parameters and the device). The hash covers the features key (itself
-    a content hash) and the training parameters, so a re-run writes the same key.
+    Writes the model (:func:`maas_tasks.model.save_artifact`) and then ``history.json`` (per-epoch loss and
+    accuracy, the epoch kept, the temperature, the parameters, the device). The hash covers the features key
+    (itself a content hash) and the training parameters, so a re-run writes the same prefix.
 
     Args:
-        learning_rate: AdamW's initial learning rate.
-        weight_decay: the fraction of each weight AdamW removes per step, times the learning rate.
-        calibration_fraction: share of the train side held out (whole groups) to fit the temperature;
-            0, or a slice under :data:`MIN_CALIBRATION_ROWS` rows, trains on all of it with temperature 1.
-        device: ``auto``, ``cpu`` or ``gpu`` (see :func:`select_device`).
+        epochs: the most epochs to run; fewer when the validation loss stops improving for ``patience``.
+        learning_rate: SGD's initial rate (cosine decay to 0); default :data:`STEP_PER_CURVATURE` over the
+            features' :func:`curvature` (recorded with the model).
+        calibration_fraction: share of the train side held out (whole groups) for early stopping and the
+            temperature; 0, or a slice under :data:`MIN_CALIBRATION_ROWS` rows, trains on all of it for every
+            epoch with temperature 1.
+        device: ``auto``, ``cpu`` or ``gpu`` (see :func:`select_device`); ``devices`` injects the device list.
 
     Returns:
-        ``key`` (the ``.keras`` object), ``prefix``, ``device``, ``history``, ``temperature`` and
+        ``key`` (the ``trained/<hash>`` prefix), ``device``, ``history``, ``best_epoch``, ``temperature`` and
         ``train_seconds``.
 
     Raises:
@@ -276,97 +324,131 @@ def train_model(
     tf = import_tensorflow()
     import keras
 
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs={epochs} and batch_size={batch_size} must both be at least 1")
-    if learning_rate <= 0 or weight_decay < 0 or not 0 <= calibration_fraction < 1:
+    if epochs < 1 or batch_size < 1 or patience < 1:
+        raise ValueError(f"epochs={epochs}, batch_size={batch_size} and patience={patience} must all be at least 1")
+    if (learning_rate is not None and learning_rate <= 0) or not 0 <= calibration_fraction < 1:
         raise ValueError(
-            f"learning_rate={learning_rate} must be positive, weight_decay={weight_decay} not negative and "
-            f"calibration_fraction={calibration_fraction} in [0, 1)"
+            f"learning_rate={learning_rate} must be positive and calibration_fraction={calibration_fraction} in [0, 1)"
         )
-    device_name = select_device(device)
+    plan = plan_devices(device, devices)
     features_key = features_key.rstrip("/")
-    vectorizer = json.loads(store.get_bytes(f"{features_key}/vectorizer.json"))
+    vectorizer = load_vectorizer(store, features_key)
     classes = vectorizer["classes"]
-    fit_df, calibration_df = _split_calibration(
+    fit_df, validation_df = _split_calibration(
         _read_parquet(store, f"{features_key}/train.parquet"), calibration_fraction, seed
     )
-    eval_df = _read_parquet(store, f"{features_key}/eval.parquet")
     keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
 
     started = time.perf_counter()
-    features = _feature_layers(vectorizer)
-    # Build the layers eagerly: built inside a tf.data graph, Normalization would keep that graph's tensors.
-    _apply(features, tf.constant([""]))
-    scores = _scores_layer(len(classes))
+    artifact = Artifact(
+        classes=[str(c) for c in classes], ngrams=int(vectorizer["ngrams"]), vocabulary=vectorizer["vocabulary"],
+        term_weights=np.asarray(vectorizer["term_weights"], dtype=np.float32),
+        kernel=np.zeros((len(vectorizer["vocabulary"]) + 1, len(classes)), dtype=np.float32),
+        bias=np.zeros(len(classes), dtype=np.float32), info={},
+    )
+    model = build_classifier(artifact)
+    fit_x, fit_y = featurize(model, fit_df["text"].tolist()), _labels(fit_df, classes)
+    has_validation = len(validation_df) > 0
+    validation = (featurize(model, validation_df["text"].tolist()), _labels(validation_df, classes))
+    featurize_seconds = time.perf_counter() - started
+    if learning_rate is None:
+        learning_rate = min(MAX_LEARNING_RATE, STEP_PER_CURVATURE / max(curvature(fit_x), 1e-9))
 
-    def featurize(df: pd.DataFrame) -> tuple[Any, np.ndarray]:
-        labels = np.asarray([classes.index(label) for label in df["label"]], dtype=np.int32)
-        return _featurize(features, df["text"].tolist()), labels
-
-    def dataset(df: pd.DataFrame, shuffle: bool) -> tf.data.Dataset:
-        ds = tf.data.Dataset.from_tensor_slices(featurize(df))
+    def dataset(x: Any, y: np.ndarray, shuffle: bool, repeat: int = 1) -> Any:
+        ds = tf.data.Dataset.from_tensor_slices((x, y))
         if shuffle:
-            ds = ds.shuffle(len(df), seed=seed, reshuffle_each_iteration=True)
-        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+            ds = ds.shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
+        return ds.repeat(repeat).batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
-    features_in = keras.Input(shape=(features[0].vocabulary_size(),), sparse=True, name="tfidf_features")
-    trainer = keras.Model(features_in, scores(features_in))
-    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, epochs * -(-len(fit_df) // batch_size))
-    optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=weight_decay)
-    optimizer.exclude_from_weight_decay(var_names=["bias"])
-    trainer.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     log.info(
-        "training on %s: %d rows, %d held out, %d classes, %d features; %d epochs, batch size %d",
-        device_name, len(fit_df), len(eval_df), len(classes), features[0].vocabulary_size(), epochs, batch_size,
+        "training on %s: %d rows (featurised in %.1f s), %d for validation, %d classes, %d n-gram features; at most "
+        "%d epochs, batch size %d, learning rate %g", plan.describe(), len(fit_df), featurize_seconds,
+        len(validation_df), len(classes), model.width - 1, epochs, batch_size, learning_rate,
     )
-    if len(calibration_df):
-        log.info("%d more training rows are set aside to calibrate the scores", len(calibration_df))
-    with tf.device(device_name):
-        # shuffle=False: the tf.data pipeline already reshuffles every epoch.
-        fitted = trainer.fit(
-            dataset(fit_df, shuffle=True),
-            validation_data=dataset(eval_df, shuffle=False) if len(eval_df) else None,
-            epochs=epochs,
-            shuffle=False,
-            verbose=0,
-            callbacks=[_epoch_logger(epochs)],
+    with make_strategy(plan).scope():
+        inputs = keras.Input(shape=(model.width,), sparse=True, name="features")
+        scores = keras.layers.Dense(len(classes), activation="softmax", kernel_initializer="zeros", name="scores")
+        trainer = keras.Model(inputs, scores(inputs))
+        batches = max(1, -(-len(fit_df) // batch_size))
+        repeat = -(-MIN_STEPS_PER_EPOCH // batches)
+        steps_per_epoch = -(-len(fit_df) * repeat // batch_size)
+        steps = epochs * steps_per_epoch
+        warmup = min(steps // 2, int(WARMUP_EPOCHS * steps_per_epoch))
+        trainer.compile(
+            optimizer=keras.optimizers.SGD(
+                _schedule(learning_rate, steps, warmup), momentum=MOMENTUM, nesterov=True
+            ),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
         )
-        temperature = 1.0
-        if len(calibration_df):
-            kernel, bias = scores.get_weights()
-            x, y = featurize(calibration_df)
-            logits = tf.sparse.sparse_dense_matmul(x, kernel).numpy() + bias
-            temperature = fit_temperature(logits, y)
-            scores.set_weights([kernel / temperature, bias / temperature])
-    train_seconds = time.perf_counter() - started
+    callbacks = [_epoch_logger(epochs, has_validation)]
+    stopper = None
+    if has_validation:
+        stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
+        callbacks.append(stopper)
+    fitted = trainer.fit(
+        dataset(fit_x, fit_y, shuffle=True, repeat=repeat),
+        validation_data=dataset(*validation, shuffle=False) if has_validation else None,
+        epochs=epochs, shuffle=False, verbose=0, callbacks=callbacks,
+    )
     history = {name: [float(v) for v in values] for name, values in fitted.history.items()}
+    best_epoch = len(history["loss"])
+    if has_validation:
+        best_epoch = int(np.argmin(history["val_loss"])) + 1
+    kernel, bias = (np.asarray(w) for w in scores.get_weights())
+    calibration = np.zeros(2, dtype=np.float32)
+    calibration_rows = 0
+    if has_validation:
+        # The validation texts and their first words: the temperature must also fit short inputs.
+        texts, labels = validation_df["text"].tolist(), validation[1]
+        xs = [validation[0], *(featurize(model, first_words(texts, n)) for n in CALIBRATION_PREFIX_WORDS)]
+        logits = np.concatenate([tf.sparse.sparse_dense_matmul(x, kernel).numpy() + bias for x in xs])
+        known = np.concatenate([
+            tf.math.unsorted_segment_sum(tf.ones_like(x.values), x.indices[:, 0], x.dense_shape[0]).numpy() for x in xs
+        ])
+        calibration = np.asarray(fit_length_calibration(logits, known, np.tile(labels, len(xs))), dtype=np.float32)
+        calibration_rows = len(known)
+    temperature = float(np.exp(calibration[0]))
+    train_seconds = time.perf_counter() - started
+    stopped = stopper is not None and stopper.stopped_epoch > 0
     log.info(
-        "trained on %s: %d rows, %d epochs in %.1f s; score temperature %.3f%s", device_name, len(fit_df), epochs,
-        train_seconds, temperature, "" if len(calibration_df) else " (too few rows to calibrate)",
+        "trained on %s: %d rows, %d epoch(s)%s, kept epoch %d, in %.1f s; score temperature %.3f for long texts, "
+        "%.3f for 10 n-grams%s", plan.describe(), len(fit_df), len(history["loss"]),
+        " (stopped early: validation loss stopped improving)" if stopped else "", best_epoch, train_seconds,
+        temperature, float(np.exp(calibration[0] + calibration[1] / np.sqrt(11.0))),
+        "" if has_validation else " (too few rows to hold out a validation side)",
     )
 
-    model = _end_to_end(features, scores)
     params = {
-        "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "weight_decay": weight_decay,
+        "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "patience": patience,
         "calibration_fraction": calibration_fraction, "seed": seed,
     }
     digest = hashlib.sha256(json.dumps({"features": features_key, **params}, sort_keys=True).encode())
     prefix = f"trained/{digest.hexdigest()[:16]}"
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / MODEL_FILE
-        model.save(path)
-        store.put_file(f"{prefix}/{MODEL_FILE}", path)
-    calibration = {"temperature": temperature, "fit_rows": len(fit_df), "calibration_rows": len(calibration_df)}
+    calibration_record = {
+        "temperature": temperature, "length_coefficient": float(calibration[1]), "fit_rows": len(fit_df),
+        "calibration_rows": len(validation_df), "calibration_texts": calibration_rows,
+    }
+    info = {
+        "calibration": calibration_record, "weighting": vectorizer["weighting"], "min_df": vectorizer["min_df"],
+        "max_tokens": vectorizer["max_tokens"], "features_key": features_key, "params": params,
+    }
+    save_artifact(store, prefix, Artifact(**{
+        **artifact.__dict__, "kernel": kernel, "bias": bias, "info": info, "calibration": calibration,
+    }))
     record = {
-        "history": history, "params": params, "calibration": calibration, "device": device_name,
-        "train_seconds": train_seconds, "features_key": features_key, "classes": classes,
+        "history": history, "best_epoch": best_epoch, "params": params, "calibration": calibration_record,
+        "device": plan.describe(), "train_seconds": train_seconds, "features_key": features_key, "classes": classes,
+        "vocab_size": model.width - 1,
     }
     store.put_bytes(f"{prefix}/{HISTORY_FILE}", json.dumps(record, indent=2).encode())
     return {
-        "key": f"{prefix}/{MODEL_FILE}",
+        "key": prefix,
         "prefix": prefix,
-        "device": device_name,
+        "device": plan.describe(),
         "history": history,
+        "best_epoch": best_epoch,
         "temperature": temperature,
         "train_seconds": train_seconds,
     }

@@ -175,14 +175,51 @@ class Servable:
             ) from None
 
 
+WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
+
+
 def load_servable(name: str, version: int, path: Path) -> Servable:
-    """Load the SavedModel in ``path`` as version ``version`` of model ``name``."""
+    """Load the SavedModel in ``path`` as version ``version`` of model ``name``, then replay its warm-up
+    requests (``assets.extra/tf_serving_warmup_requests``), as TF Serving does before a version serves."""
     loaded = tf.saved_model.load(str(path))
     signatures = {}
     for key, function in loaded.signatures.items():
         _, input_specs = function.structured_input_signature
         signatures[key] = Signature(key, function, dict(input_specs), sorted(function.structured_outputs))
-    return Servable(name, version, Path(path), signatures, loaded)
+    servable = Servable(name, version, Path(path), signatures, loaded)
+    replay_warmup(servable, Path(path) / WARMUP_FILE)
+    return servable
+
+
+def replay_warmup(servable: Servable, warmup: Path) -> int:
+    """Run the Predict requests of a warm-up file through ``servable``; returns how many ran.
+
+    Raises:
+        ServingError: a record cannot be parsed or its request fails (the version then does not load, as
+            in TF Serving). Records of other request kinds (classify, regress, ...) are skipped.
+    """
+    if not warmup.is_file():
+        return 0
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    replayed = 0
+    try:
+        for raw in tf.data.TFRecordDataset(str(warmup)).as_numpy_iterator():
+            record = prediction_log_pb2.PredictionLog.FromString(raw)
+            if record.WhichOneof("log_type") != "predict_log":
+                continue
+            request = record.predict_log.request
+            signature = servable.signature(request.model_spec.signature_name or None)
+            signature.function(**{k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()})
+            replayed += 1
+    except ServingError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a broken warm-up file fails the load with its reason
+        raise ServingError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"Warm-up of {warmup} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    log.info("Finished reading warmup data for model at %s. Number of warmup records read: %d.", warmup.parent.parent, replayed)
+    return replayed
 
 
 @dataclass

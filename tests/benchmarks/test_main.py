@@ -38,5 +38,10 @@ def test_benchmark_runs_end_to_end_on_generated_reviews(tmp_path, capsys):
         assert serving[api]["single"]["requests"] == 5 and serving[api]["batch"]["requests"] == 2
         assert serving[api]["batch"]["texts_per_s"] == pytest.approx(8 * serving[api]["batch"]["requests_per_s"])
         assert 0 < serving[api]["single"]["p50_ms"] <= serving[api]["single"]["p99_ms"]
+    memory = serving["memory"]
+    assert memory["batch_size"] == 256 and memory["loaded"]["rss_mb"] > 100  # TensorFlow alone is more
+    assert memory["after_batches"]["peak_rss_mb"] >= memory["loaded"]["rss_mb"] and memory["batch_seconds"] > 0
     report = capsys.readouterr().out
     assert "grpc batch" in report and "ece (10 bins)" in report and f"result written to {out}" in report
+    assert "raw file to trained model (ingest to train): " in report
+    assert "serving memory (own process, REST batches of 256 of the longest reviews" in report

@@ -100,13 +100,13 @@ def test_every_task_retries(dag):
 
 
 SECTIONS = {"Data", "Training", "Gate and promotion"}
-OPTIONAL = {"data_path", "group_col", "model_name"}
+OPTIONAL = {"data_path", "group_col", "slice_cols", "model_name", "min_roc_auc"}
 
 
 def test_params_are_sectioned_titled_and_documented(dag):
     params = dag.params
     expected = {"data_path", "text_col", "label_col", "group_col", "model_name", "epochs", "batch_size",
-                "max_tokens", "eval_fraction", "min_accuracy"}
+                "max_tokens", "eval_fraction", "min_accuracy", "min_roc_auc", "champion_tolerance", "force_promote"}
     assert expected <= set(params.keys())
     for name in params.keys():
         param = params.get_param(name)

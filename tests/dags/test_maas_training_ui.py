@@ -29,11 +29,13 @@ FORM = {
     "Training": [
         ("epochs", "Epochs", "5", "a whole number from 1 to 50"),
         ("batch_size", "Batch size", "64", "one of 16, 32, 64, 128, 256, 512, 1024"),
-        ("max_tokens", "Vocabulary size", "20000", "1,000, 2,000, 5,000"),
+        ("max_tokens", "Vocabulary size", "1000000", "500, 1,000, 2,000, 5,000"),
         ("eval_fraction", "Held-out fraction", "0.2", "0.05 to 0.5"),
     ],
     "Gate and promotion": [
         ("min_accuracy", "Minimum accuracy", "0.7", "(0 to 1)"),
+        ("min_roc_auc", "Minimum ROC AUC", "", "Empty: not checked"),
+        ("champion_tolerance", "Champion tolerance", "0.01", "0 to 0.2 of accuracy"),
         ("model_name", "Model name", "", "Empty: MAAS_MODEL_NAME"),
     ],
 }
@@ -82,7 +84,9 @@ def test_the_trigger_form_shows_every_field_with_its_default_and_limits(ui_page,
             assert field_value(region, name) == shown, name
         assert "This field is required" not in text
         if section == "Training":
-            assert "20,000" in text  # the dropdown shows the vocabulary size as people write it
+            assert "1,000,000" in text  # the dropdown shows the vocabulary size as people write it
+        if section == "Gate and promotion":
+            assert "Force promotion" in text and "records that the gate was forced" in text
         if section == "Data":
             save_screenshot(ui_page, "trigger-form")
     assert trigger.is_enabled()
@@ -146,13 +150,14 @@ def test_trigger_with_the_defaults_runs_once_and_the_logs_tell_the_story(ui_page
     assert airflow_stack.api("GET", f"/api/v2/dags/{DAG_ID}")["is_paused"] is False
 
     train = open_task_log(ui_page, airflow_stack, run["dag_run_id"], "train_model")
-    train.get_by_text(re.compile(r"epoch 5/5: loss [\d.]+, accuracy [\d.]+; held-out loss")).wait_for()
-    train.get_by_text(re.compile(r"trained on /CPU:0: \d+ rows, 5 epochs in [\d.]+ s")).wait_for()
+    train.get_by_text(re.compile(r"epoch 5/5: loss [\d.]+, accuracy [\d.]+ \([\d.]+ s; at most \d+ s left\)")).wait_for()
+    train.get_by_text(re.compile(r"trained on /CPU:0: \d+ rows, 5 epoch\(s\), kept epoch 5, in [\d.]+ s")).wait_for()
     assert train.get_by_text("cuInit").count() == 0 and train.get_by_text("cuda drivers").count() == 0
     save_screenshot(ui_page, "train-model-log")
     evaluate = open_task_log(ui_page, airflow_stack, run["dag_run_id"], "evaluate_model")
-    evaluate.get_by_text(re.compile(r"held-out metrics on \d+ rows: accuracy [\d.]+, .*log loss [\d.]+, ECE")).wait_for()
+    evaluate.get_by_text(re.compile(r"held-out metrics on \d+ rows: accuracy [\d.]+, .*log loss [\d.]+, kappa [\d.]+, ECE")).wait_for()
     evaluate.get_by_text("confusion matrix (rows: true class, columns: predicted class):").wait_for()
+    evaluate.get_by_text(re.compile(r"check champion +pass: ")).wait_for()
     evaluate.get_by_text(re.compile(r"gate passed: accuracy")).wait_for()
     save_screenshot(ui_page, "evaluate-model-log")
     validate = open_task_log(ui_page, airflow_stack, run["dag_run_id"], "validate_data")

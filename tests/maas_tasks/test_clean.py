@@ -53,6 +53,15 @@ def test_clean_frame_normalises_columns_and_drops_empty_texts():
     ]
 
 
+def test_clean_frame_keeps_slice_columns_as_strings():
+    df = pd.DataFrame({"text": ["a", "b", "c"], "label": [1, 0, 1], "genre": ["drama", None, 3.0]})
+    out = clean_frame(df, text_col="text", label_col="label", slice_cols=["genre"])
+    assert list(out.columns) == ["text", "label", "slice:genre"]
+    assert out["slice:genre"].tolist() == ["drama", "", "3"]
+    with pytest.raises(ValueError, match="slice_col 'year' is not a column of the table; it has: text, label, genre"):
+        clean_frame(df, text_col="text", label_col="label", slice_cols=["year"])
+
+
 def test_clean_frame_without_group_and_missing_column():
     df = pd.DataFrame({"text": ["a"], "label": ["x"]})
     assert list(clean_frame(df, text_col="text", label_col="label").columns) == ["text", "label"]

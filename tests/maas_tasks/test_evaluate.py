@@ -1,4 +1,4 @@
-"""Tests of the metrics (against hand-computed values), the model evaluation and the gate."""
+"""Tests of the metrics (against hand-computed values), the slices, the model evaluation and the gate."""
 
 from __future__ import annotations
 
@@ -7,7 +7,16 @@ import logging
 import numpy as np
 import pytest
 
-from maas_tasks.evaluate import binary_auc, compute_metrics, decide_gate, evaluate_model, log_loss
+from maas_tasks.evaluate import (
+    absolute_checks,
+    champion_checks,
+    compute_metrics,
+    decide_gate,
+    evaluate_model,
+    expected_calibration_error,
+    length_slices,
+    paired_bootstrap,
+)
 
 
 def _binary_scores(p_positive: list[float]) -> np.ndarray:
@@ -38,11 +47,31 @@ def test_binary_positive_class_is_the_second():
     assert as_names["precision"] == pytest.approx(0.5) and as_names["recall"] == pytest.approx(1.0)
 
 
-def test_auc_ties_and_extremes():
-    assert binary_auc(np.array([1, 0, 1, 0]), np.array([0.5, 0.5, 0.5, 0.5])) == pytest.approx(0.5)
-    assert binary_auc(np.array([1, 1, 0]), np.array([0.9, 0.8, 0.1])) == pytest.approx(1.0)
-    assert binary_auc(np.array([1, 1, 0]), np.array([0.1, 0.2, 0.9])) == pytest.approx(0.0)
-    assert binary_auc(np.array([1, 1]), np.array([0.1, 0.2])) is None
+def test_binary_pr_auc_kappa_and_log_loss_by_hand():
+    metrics = compute_metrics(["pos", "pos", "neg", "neg"], _binary_scores([0.9, 0.2, 0.4, 0.1]), ["neg", "pos"])
+    # Ranked by score: pos 0.9, neg 0.4, pos 0.2, neg 0.1 -> precision at the two positives 1 and 2/3.
+    assert metrics["pr_auc"] == pytest.approx((1 + 2 / 3) / 2)
+    assert metrics["roc_auc"] == pytest.approx(3 / 4)
+    # Predicted pos, neg, neg, neg: observed agreement 3/4, chance agreement (1/4*2/4 + 3/4*2/4) = 1/2.
+    assert metrics["cohen_kappa"] == pytest.approx((0.75 - 0.5) / 0.5)
+    assert metrics["log_loss"] == pytest.approx(-(np.log(0.9) + np.log(0.2) + np.log(0.6) + np.log(0.9)) / 4)
+    one_class = compute_metrics(["pos", "pos"], _binary_scores([0.9, 0.8]), ["neg", "pos"])
+    assert one_class["roc_auc"] is None and one_class["pr_auc"] is None
+
+
+def test_expected_calibration_error_by_hand():
+    # Bin 0.9-1.0: confidences 0.95, 0.95, right once -> gap 0.45; bin 0.6-0.7: 0.65, right -> gap 0.35.
+    scores = np.array([[0.95, 0.05], [0.05, 0.95], [0.65, 0.35]])
+    assert expected_calibration_error(scores, np.array([0, 0, 0])) == pytest.approx((2 * 0.45 + 0.35) / 3)
+    assert expected_calibration_error(np.array([[0.8, 0.2]] * 4), np.array([0, 0, 0, 0])) == pytest.approx(0.2)
+
+
+def test_length_slices_cover_every_text_once():
+    texts = ["", "one two", " ".join(["w"] * 50), " ".join(["w"] * 200), " ".join(["w"] * 301)]
+    masks = length_slices(texts)
+    assert list(masks) == ["1-20 words", "21-100 words", "101-300 words", "over 300 words"]
+    assert np.sum([m.astype(int) for m in masks.values()], axis=0).tolist() == [1] * 5
+    assert masks["1-20 words"].tolist() == [True, True, False, False, False]
 
 
 def test_multiclass_macro_metrics_by_hand():
@@ -72,15 +101,51 @@ def test_metrics_input_errors():
 
 
 def test_gate_passes_and_fails_with_reasons():
-    metrics = {"accuracy": 0.81, "n_eval": 100}
-    passed = decide_gate(metrics, min_accuracy=0.8)
-    assert passed["passed"] is True and "0.8100 >= minimum 0.8000" in passed["reason"]
-    failed = decide_gate(metrics, min_accuracy=0.9)
+    metrics = {"accuracy": 0.81, "n_eval": 100, "roc_auc": 0.9}
+    passed = decide_gate(absolute_checks(metrics, min_accuracy=0.8, min_roc_auc=0.85))
+    assert passed["passed"] is True and passed["forced"] is False
+    assert "accuracy 0.8100 >= minimum 0.8000 on 100 eval rows" in passed["reason"]
+    assert [c["name"] for c in passed["checks"]] == ["min_accuracy", "min_roc_auc"]
+    failed = decide_gate(absolute_checks(metrics, min_accuracy=0.9, min_roc_auc=0.95))
     assert failed["passed"] is False
-    assert "accuracy 0.8100 is below the minimum 0.9000 (on 100 eval rows)" in failed["reason"]
-    assert failed["checks"] == {"min_accuracy": False}
-    with pytest.raises(ValueError, match="between 0 and 1"):
-        decide_gate(metrics, min_accuracy=80)
+    assert "accuracy 0.8100 is below the minimum 0.9000 on 100 eval rows" in failed["reason"]
+    assert "ROC AUC 0.9000 is below the minimum 0.9500" in failed["reason"]
+    forced = decide_gate(absolute_checks(metrics, min_accuracy=0.9, min_roc_auc=None), force=True, forced_by="run-7")
+    assert forced["passed"] is True and forced["forced"] is True and forced["forced_by"] == "run-7"
+    assert forced["reason"].startswith("FORCED by run-7")
+    assert decide_gate(absolute_checks(metrics, min_accuracy=0.5, min_roc_auc=None), force=True)["forced"] is False
+
+
+def test_paired_bootstrap_interval_brackets_the_difference_and_is_reproducible():
+    rng = np.random.default_rng(0)
+    old = rng.random(2000) < 0.85
+    new = old.copy()
+    new[:100] = True  # the new model fixes some of the old one's mistakes
+    boot = paired_bootstrap(new, old)
+    assert boot["low"] <= boot["difference"] <= boot["high"] and boot["difference"] > 0
+    assert paired_bootstrap(new, old) == boot
+    assert paired_bootstrap(old, old)["low"] == 0.0 == paired_bootstrap(old, old)["high"]
+
+
+def test_champion_checks_reject_a_worse_model_and_keep_an_equal_one():
+    rng = np.random.default_rng(1)
+    n = 1000
+    truth = rng.integers(0, 2, n)
+    texts = [" ".join(["w"] * int(k)) for k in rng.integers(1, 400, n)]
+    good = np.eye(2)[truth] * 0.8 + 0.1
+    wrong = rng.random(n) < 0.08
+    champion = np.where(wrong[:, None], good[:, ::-1], good)  # right on 92 %
+    worse = np.where((rng.random(n) < 0.15)[:, None], good[:, ::-1], good)  # right on 85 %
+    same = champion_checks(truth, champion, champion, texts, champion=3)
+    assert all(c["passed"] for c in same)
+    assert same[0]["name"] == "champion" and "vs champion v3" in same[0]["detail"]
+    rejected = champion_checks(truth, worse, champion, texts, champion=3)
+    assert rejected[0]["passed"] is False and "worse than the tolerance" in rejected[0]["detail"]
+    # A regression confined to one length slice fails that slice even when the total barely moves.
+    short = np.asarray(length_slices(texts)["1-20 words"])
+    slice_worse = np.where(short[:, None], good[:, ::-1], champion)
+    checks = {c["name"]: c for c in champion_checks(truth, slice_worse, champion, texts, champion=3, tolerance=0.1)}
+    assert checks["champion"]["passed"] is True and checks["slice 1-20 words"]["passed"] is False
 
 
 @pytest.mark.slow
@@ -90,7 +155,9 @@ def test_evaluate_model_on_the_eval_split(trained_run):
     assert result["n_eval"] == features["eval_rows"]
     assert result["classes"] == ["negative", "positive"]
     assert result["accuracy"] > 0.7
-    assert result["accuracy"] == pytest.approx(trained_run["trained"]["history"]["val_accuracy"][-1], abs=1e-6)
+    assert result["scores"].shape == (features["eval_rows"], 2)
+    assert sum(part["n"] for part in result["slices"].values()) == features["eval_rows"]
+    assert result["short_probe"]["words"] == 12 and 0 <= result["short_probe"]["ece"] <= 1
     assert 0.5 < result["roc_auc"] <= 1
     assert sum(map(sum, result["confusion_matrix"])) == features["eval_rows"]
 
@@ -111,10 +178,24 @@ def test_evaluate_and_register_gates_and_is_idempotent_per_run(trained_run, pg_d
         assert lines[0].startswith(f"held-out metrics on {trained_run['features']['eval_rows']} rows: accuracy ")
         assert "log loss" in lines[0] and "ECE" in lines[0]
         assert lines[1].startswith("confusion matrix") and lines[2].split()[-2:] == ["negative", "positive"]
-        assert lines[5].startswith("gate passed: accuracy") and lines[6] == "registered m v1 as candidate"
+        assert any(line.startswith("  slice 1-20 words") or line.startswith("  slice 21-100 words") for line in lines)
+        assert any(line.startswith("first 12 words of each text: accuracy") for line in lines)
+        assert any(line.startswith("check min_accuracy") and " pass: accuracy " in line for line in lines)
+        assert "check champion               pass: no champion: this is the first version to serve" in lines
+        assert lines[-3].startswith("gate passed: accuracy") and lines[-2] == "registered m v1 as candidate"
+        report_uri = store.uri("reports/m/1/index.html")
+        assert lines[-1] == f"evaluation report: {report_uri}"
+        assert registry.get_version("m", 1).report_uri == report_uri
+        page = store.get_bytes("reports/m/1/index.html").decode()
+        assert "Evaluation report: m v1" in page and "no champion: this is the first version to serve" in page
+        # An attempt that died after registering but before its report: the retry writes the report.
+        store.delete("reports/m/1/index.html")
+        with registry._transaction() as cur:
+            cur.execute("UPDATE model_versions SET report_uri = NULL WHERE model_name = 'm'")
         retried = evaluate_and_register(
             store, registry, model_key, features_key, model_name="m", min_accuracy=0.5, snapshot_id=None, dag_run_id="r1"
         )
+        assert registry.get_version("m", 1).report_uri == report_uri and store.exists("reports/m/1/index.html")
         rejected = evaluate_and_register(
             store, registry, model_key, features_key, model_name="m", min_accuracy=1.0, snapshot_id=None,
             dag_run_id="r2",
@@ -128,13 +209,24 @@ def test_evaluate_and_register_gates_and_is_idempotent_per_run(trained_run, pg_d
         assert registry.get_version("m", 1).metrics["gate"]["passed"] is True
 
 
-def test_log_loss_is_the_mean_negative_log_probability_of_the_truth():
-    scores = np.array([[0.8, 0.2], [0.4, 0.6], [1.0, 0.0]])
-    assert log_loss(scores, [0, 1, 0]) == pytest.approx(-(np.log(0.8) + np.log(0.6) + np.log(1.0)) / 3)
-    # A saturated wrong answer costs a lot, but stays finite.
-    assert log_loss(scores, [0, 1, 1]) == pytest.approx((-np.log(0.8) - np.log(0.6) - np.log(1e-15)) / 3)
-    with pytest.raises(ValueError, match="n x K scores"):
-        log_loss(scores, [0, 1])
+def test_column_slices_report_each_frequent_value():
+    import pandas as pd
+
+    from maas_tasks.evaluate import MAX_COLUMN_SLICE_VALUES, column_slice_metrics
+
+    frame = pd.DataFrame({
+        "text": ["t"] * 6 + ["u"] * (MAX_COLUMN_SLICE_VALUES + 5),
+        "slice:genre": ["drama"] * 4 + ["comedy"] * 2 + [f"g{i}" for i in range(MAX_COLUMN_SLICE_VALUES + 5)],
+    })
+    truth = ["a", "b", "a", "b", "a", "a"] + ["a"] * (MAX_COLUMN_SLICE_VALUES + 5)
+    scores = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.4, 0.6], [0.6, 0.4], [0.1, 0.9]]
+                      + [[0.8, 0.2]] * (MAX_COLUMN_SLICE_VALUES + 5))
+    out = column_slice_metrics(truth, scores, ["a", "b"], frame)
+    assert out["genre=drama"]["n"] == 4 and out["genre=drama"]["accuracy"] == pytest.approx(0.75)
+    assert out["genre=comedy"] == pytest.approx({"n": 2, "accuracy": 0.5, "log_loss": out["genre=comedy"]["log_loss"],
+                                                 "ece": out["genre=comedy"]["ece"]})
+    assert len(out) == MAX_COLUMN_SLICE_VALUES  # an id-like column reports only its most frequent values
+    assert column_slice_metrics(truth, scores, ["a", "b"], frame[["text"]]) == {}
 
 
 def test_compute_metrics_reports_calibration():

@@ -122,5 +122,69 @@ def test_bad_model_name_is_rejected(trained_run):
 def test_export_of_a_missing_model_names_it(trained_run, tmp_path: Path):
     from maas_tasks.storage import ObjectNotFound
 
-    with pytest.raises(ObjectNotFound, match="trained/missing/model.keras"):
+    with pytest.raises(ObjectNotFound, match="trained/missing/model.json"):
         export_model(trained_run["store"], "trained/missing", model_name="sentiment", version=9, metadata={})
+
+
+def test_warmup_requests_are_predict_logs_of_held_out_texts(exported):
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    from maas_tasks.export import WARMUP_FILE
+
+    records = [
+        prediction_log_pb2.PredictionLog.FromString(raw)
+        for raw in tf.data.TFRecordDataset(str(exported["local"] / WARMUP_FILE)).as_numpy_iterator()
+    ]
+    sizes = [len(r.predict_log.request.inputs["text"].string_val) for r in records]
+    assert sizes == [1, 8, 64]
+    assert all(r.predict_log.request.model_spec.signature_name == "serving_default" for r in records)
+    # The embedded server replays them when it loads the version, as TF Serving does.
+    from serving.server import load_servable
+
+    assert load_servable("sentiment", 3, exported["local"]).name == "sentiment"
+
+
+def test_a_broken_warmup_file_fails_the_load(exported, tmp_path):
+    import shutil
+
+    from maas_tasks.export import WARMUP_FILE
+    from serving.server import ServingError, load_servable
+
+    copy = tmp_path / "3"
+    shutil.copytree(exported["local"], copy)
+    (copy / WARMUP_FILE).write_bytes(b"not a TFRecord file")
+    with pytest.raises(ServingError, match="Warm-up of .* failed"):
+        load_servable("sentiment", 3, copy)
+
+
+def test_export_reports_size_and_load_time(exported):
+    result = exported["result"]
+    files = exported["result"]["files"]
+    assert result["size_bytes"] == sum(f["size"] for f in files.values()) > 0
+    assert 0 < result["load_seconds"] < 60
+    record = json.loads(exported["store"].get_bytes("models/sentiment/3.json"))
+    assert record["size_bytes"] == result["size_bytes"]
+
+
+def test_registered_export_carries_a_model_card(trained_run, pg_dsn):
+    from maas_tasks.evaluate import evaluate_and_register
+    from maas_tasks.export import MODEL_CARD_FILE, export_registered_version
+    from maas_tasks.registry import Registry
+
+    store, model_key = trained_run["store"], trained_run["trained"]["key"]
+    with Registry.connect(pg_dsn) as registry:
+        evaluation = evaluate_and_register(
+            store, registry, model_key, trained_run["features"]["key"], model_name="carded", min_accuracy=0.5,
+            snapshot_id=None, dag_run_id="card-run",
+        )
+        exported = export_registered_version(store, registry, model_key, evaluation)
+    card = json.loads(store.get_bytes(f"{exported['prefix']}/{MODEL_CARD_FILE}"))
+    assert card["model_name"] == "carded" and card["version"] == evaluation["version"]
+    assert card["dag_run_id"] == "card-run" and card["classes"] == ["negative", "positive"]
+    assert card["metrics"]["accuracy"] == evaluation["metrics"]["accuracy"]
+    assert card["gate"]["passed"] is True and card["gate"]["checks"][0]["name"] == "min_accuracy"
+    assert card["thresholds"]["min_accuracy"] == 0.5
+    assert {"epochs", "batch_size", "ngrams", "min_df", "max_tokens", "weighting"} <= set(card["parameters"])
+    assert card["vocab_size"] > 0 and card["training"]["train_seconds"] > 0
+    assert card["export"]["size_bytes"] > 0 and "commit" in card["code_version"]

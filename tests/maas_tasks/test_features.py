@@ -1,4 +1,4 @@
-"""Tests of the group-aware split and the TF-IDF vectorizer fit."""
+"""Tests of the group-aware split, the n-gram vocabulary and its term weights."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from maas_tasks.clean import clean_frame
-from maas_tasks.features import build_features, fit_vectorizer, split_frame
+from maas_tasks.features import build_features, fit_vectorizer, load_vectorizer, split_frame, term_weights
 from maas_tasks.sample_data import generate_reviews
 from tests.maas_tasks.conftest import put_parquet
 
@@ -53,20 +53,49 @@ def test_split_errors_on_too_little_data():
         split_frame(lonely, eval_fraction=1.0)
 
 
-def test_fit_vectorizer_vocabulary_and_idf():
-    vec = fit_vectorizer(["good film", "bad film", "not good"], max_tokens=50, ngrams=2)
-    assert "[UNK]" not in vec["vocabulary"]
-    assert {"good", "film", "not good", "good film"} <= set(vec["vocabulary"])
-    assert len(vec["idf_weights"]) == len(vec["vocabulary"])
-    idf = dict(zip(vec["vocabulary"], vec["idf_weights"]))
-    assert idf["film"] < idf["bad"]  # in 2 documents vs 1: rarer terms weigh more
-    assert np.isclose(idf["bad"], np.log(1 + 3 / 2))  # Keras's idf: log(1 + docs / (1 + docs with term))
-    assert vec["ngrams"] == 2 and vec["max_tokens"] == 50
+def test_fit_vectorizer_vocabulary_document_frequency_and_nb_weights():
+    texts = ["Good film!", "bad film", "not good", "good, good story", "bad bad acting"]
+    labels = ["pos", "neg", "neg", "pos", "neg"]
+    vec = fit_vectorizer(texts, labels, ["neg", "pos"], max_tokens=50, ngrams=2, min_df=1)
+    df = dict(zip(vec["vocabulary"], vec["document_frequency"].tolist()))
+    # Lower-cased, punctuation gone but "!" kept as a word, n-grams up to 2; a term counts once per text.
+    assert df["good"] == 3 and df["film"] == 2 and df["!"] == 1 and df["film !"] == 1 and df["bad"] == 2
+    assert "good," not in df and "" not in df
+    assert vec["vocabulary"][:3] == ["good", "bad", "film"]  # most frequent first, ties by token
+    weights = dict(zip(vec["vocabulary"], vec["term_weights"].tolist()))
+    # |log-count ratio|: "film" is in one text of each class, so it says little; "bad" only in negatives.
+    assert weights["bad"] > weights["film"] and weights["good"] > weights["film"]
+    assert all(w >= 0 for w in weights.values())
+    assert fit_vectorizer(texts, labels, ["neg", "pos"], ngrams=2, min_df=2)["vocabulary"] == ["good", "bad", "film"]
 
 
-def test_fit_vectorizer_respects_max_tokens():
-    vec = fit_vectorizer([f"word{i} word{i + 1}" for i in range(40)], max_tokens=10, ngrams=1)
-    assert len(vec["vocabulary"]) == 9  # max_tokens counts the OOV token
+def test_term_weights_match_the_nbsvm_ratio_for_two_classes():
+    counts = np.array([[3, 0], [1, 1], [0, 2]])
+    p = (counts[:, 1] + 1) / (counts[:, 1] + 1).sum()
+    q = (counts[:, 0] + 1) / (counts[:, 0] + 1).sum()
+    assert np.allclose(term_weights(counts, np.array([4, 4]), "nb"), np.abs(np.log(p / q)), atol=1e-6)
+    idf = term_weights(counts, np.array([4, 4]), "idf")
+    assert idf[0] < idf[1] or np.isclose(idf[0], idf[1])  # df 3 vs 2: the commoner term weighs less
+    assert np.all(term_weights(counts, np.array([4, 4]), "binary") == 1)
+    with pytest.raises(ValueError, match="weighting"):
+        term_weights(counts, np.array([4, 4]), "tfidf2")
+
+
+def test_fit_vectorizer_handles_any_script_and_many_classes():
+    texts = ["très bien été", "ça va mal", "très mal", "so-so okay"]
+    vec = fit_vectorizer(texts, ["a", "b", "b", "c"], ["a", "b", "c"], ngrams=1, min_df=1)
+    assert {"très", "été", "ça", "so", "okay"} <= set(vec["vocabulary"])
+    assert len(vec["term_weights"]) == len(vec["vocabulary"])
+
+
+def test_fit_vectorizer_respects_max_tokens_and_checks_arguments():
+    texts = [f"word{i} word{i + 1}" for i in range(40)]
+    vec = fit_vectorizer(texts, ["a", "b"] * 20, ["a", "b"], max_tokens=10, ngrams=1, min_df=1)
+    assert len(vec["vocabulary"]) == 10
+    with pytest.raises(ValueError, match="ngrams=4"):
+        fit_vectorizer(texts, ["a", "b"] * 20, ["a", "b"], ngrams=4)
+    with pytest.raises(ValueError, match="no texts"):
+        fit_vectorizer([], [], ["a", "b"])
 
 
 def test_build_features_writes_split_and_vectorizer(file_store, cleaned):
@@ -74,15 +103,18 @@ def test_build_features_writes_split_and_vectorizer(file_store, cleaned):
     result = build_features(file_store, key, max_tokens=500, eval_fraction=0.2, seed=1)
     prefix = result["key"]
     assert prefix.startswith("features/")
-    names = ("eval.parquet", "train.parquet", "vectorizer.json")
+    names = ("eval.parquet", "term_weights.npy", "train.parquet", "vectorizer.json", "vocabulary.txt")
     assert file_store.list_keys(prefix) == [f"{prefix}/{name}" for name in names]
     train = pd.read_parquet(io.BytesIO(file_store.get_bytes(f"{prefix}/train.parquet")))
     evaluation = pd.read_parquet(io.BytesIO(file_store.get_bytes(f"{prefix}/eval.parquet")))
     assert (len(train), len(evaluation)) == (result["train_rows"], result["eval_rows"])
-    vec = json.loads(file_store.get_bytes(f"{prefix}/vectorizer.json"))
+    vec = load_vectorizer(file_store, prefix)
     assert vec["classes"] == result["classes"] == ["negative", "positive"]
-    assert len(vec["vocabulary"]) == result["vocab_size"] <= 499
+    assert len(vec["vocabulary"]) == result["vocab_size"] == vec["vocab_size"] <= 500
+    assert len(vec["term_weights"]) == len(vec["vocabulary"])
     # Fit on the train side only: the same as fitting on the train texts alone.
-    assert fit_vectorizer(train["text"].tolist(), max_tokens=500)["vocabulary"] == vec["vocabulary"]
+    alone = fit_vectorizer(train["text"].tolist(), train["label"].tolist(), vec["classes"], max_tokens=500)
+    assert alone["vocabulary"] == vec["vocabulary"]
+    assert np.allclose(alone["term_weights"], vec["term_weights"])
     assert build_features(file_store, key, max_tokens=500, eval_fraction=0.2, seed=1) == result
     assert build_features(file_store, key, max_tokens=400, eval_fraction=0.2, seed=1)["key"] != prefix
