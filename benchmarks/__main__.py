@@ -39,7 +39,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="also write the result as JSON to this file")
     parser.add_argument("--group-col", default="movie_id", help="column kept whole across the split ('' for none)")
     parser.add_argument("--epochs", type=int, default=5, help="training epochs (default: the DAG's, %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=64, help="training batch size (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=512, help="texts featurised at a time in training (default %(default)s)")
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="vocabulary size (default %(default)s)")
     parser.add_argument("--single-requests", type=int, default=300, help="one-text predict requests per API")
     parser.add_argument("--batch-requests", type=int, default=50, help="batch predict requests per API")

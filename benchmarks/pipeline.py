@@ -45,7 +45,7 @@ def run_pipeline(
     group_col: str | None = "movie_id",
     max_tokens: int = DEFAULT_MAX_TOKENS,
     epochs: int = 5,
-    batch_size: int = 64,
+    batch_size: int = 512,
     device: str = "auto",
 ) -> dict[str, Any]:
     """Run ingest → validate → clean → features → train → evaluate → export on ``data_path``.

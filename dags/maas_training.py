@@ -9,8 +9,9 @@ ingest → validate → clean → features → train → evaluate → gate → e
 * **validate_data** checks it with Great Expectations (its log lists every check, the rows and any
   failure); bad data fails the run here and leaves no snapshot behind.
 * **clean_data**, **build_features** (train/held-out split; the vocabulary of 1- to 3-word n-grams and
-  their Naive-Bayes weights), **train_model** (a linear model over sparse n-gram features, inside the
-  served graph, so the served model takes raw text; its log shows every epoch and when it stopped early).
+  their Naive-Bayes weights), **train_model** (L2-regularised softmax regression over sparse n-gram
+  features, fitted by L-BFGS; the features are computed inside the served graph, so the served model takes
+  raw text; its log shows every epoch and when it stopped).
 * **evaluate_model** scores the model on the held-out split (its log shows the metrics, the confusion
   matrix, per-length slices and every gate check) and registers the next model version: *candidate* when
   it passes the gate, *rejected* otherwise. The gate: the minimum accuracy (and ROC AUC, if set), and the
@@ -144,11 +145,19 @@ def training_params() -> dict[str, Param]:
         ),
         "epochs": Param(
             5, type="integer", enum=list(range(1, EPOCHS_MAX + 1)), title="Epochs",
-            description=f"Passes over the training split: a whole number from 1 to {EPOCHS_MAX}.", section=training,
+            description=(
+                f"Most rounds of 25 L-BFGS iterations, each a full pass over the training split (a whole number from 1 "
+                f"to {EPOCHS_MAX}); training stops sooner when it has converged or the validation loss stops improving."
+            ),
+            section=training,
         ),
         "batch_size": Param(
-            64, type="integer", enum=list(BATCH_SIZES), title="Batch size",
-            description=f"Texts per training step: one of {', '.join(map(str, BATCH_SIZES))}.", section=training,
+            512, type="integer", enum=list(BATCH_SIZES), title="Batch size",
+            description=(
+                f"Texts turned into n-gram features at a time (it bounds memory, not the fit): one of "
+                f"{', '.join(map(str, BATCH_SIZES))}."
+            ),
+            section=training,
         ),
         "max_tokens": Param(
             1_000_000,

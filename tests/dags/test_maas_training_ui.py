@@ -28,7 +28,7 @@ FORM = {
     ],
     "Training": [
         ("epochs", "Epochs", "5", "a whole number from 1 to 50"),
-        ("batch_size", "Batch size", "64", "one of 16, 32, 64, 128, 256, 512, 1024"),
+        ("batch_size", "Batch size", "512", "one of 16, 32, 64, 128, 256, 512, 1024"),
         ("max_tokens", "Vocabulary size", "1000000", "500, 1,000, 2,000, 5,000"),
         ("eval_fraction", "Held-out fraction", "0.2", "0.05 to 0.5"),
     ],

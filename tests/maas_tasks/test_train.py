@@ -5,7 +5,10 @@ from __future__ import annotations
 import io
 import json
 import logging
-import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -163,17 +166,76 @@ def test_long_training_keeps_scores_calibrated(tmp_path):
 
 
 def test_each_epoch_is_logged_with_its_losses_accuracies_and_time(caplog):
-    from maas_tasks.train import _epoch_logger
+    from maas_tasks.train import _log_epoch
 
-    callback = _epoch_logger(epochs=3, has_validation=True)
+    seconds: list[float] = []
     with caplog.at_level(logging.INFO, logger="maas_tasks.train"):
-        callback.on_epoch_begin(0)
-        callback.on_epoch_end(0, {"loss": 0.61234, "accuracy": 0.7, "val_loss": 0.5, "val_accuracy": 0.75})
-        callback.on_epoch_begin(1)
-        callback.on_epoch_end(1, {"loss": 0.4, "accuracy": 0.8, "val_loss": 0.45, "val_accuracy": 0.8})
+        seconds.append(2.0)
+        _log_epoch("epoch", 1, 3, {"loss": 0.61234, "accuracy": 0.7, "val_loss": 0.5, "val_accuracy": 0.75}, seconds)
+        seconds.append(4.0)
+        _log_epoch("epoch", 2, 3, {"loss": 0.4, "accuracy": 0.8}, seconds)
     first, second = (r.getMessage() for r in caplog.records)
-    assert re.fullmatch(
-        r"epoch 1/3: loss 0.6123, accuracy 0.7000; validation loss 0.5000, accuracy 0.7500 "
-        r"\(\d+\.\d s; at most \d+ s left\)", first
+    assert first == "epoch 1/3: loss 0.6123, accuracy 0.7000; validation loss 0.5000, accuracy 0.7500 (2.0 s; at most 4 s left)"
+    assert second == "epoch 2/3: loss 0.4000, accuracy 0.8000 (4.0 s; at most 3 s left)"
+
+
+def _separable(n: int = 400, width: int = 30, seed: int = 0):
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    dense = (rng.random((n, width)) < 0.2) * rng.random((n, width))
+    dense[np.arange(n), y] += 1.0  # column k speaks for class k
+    return tf.sparse.from_dense(dense.astype(np.float32)), y
+
+
+def test_fit_softmax_learns_converges_and_regularises():
+    from maas_tasks.train import _fit_softmax
+
+    x, y = _separable()
+    plan = DevicePlan("default", ("/CPU:0",))
+    kernel, bias, history, stopped = _fit_softmax(plan, x, y, n_classes=3, c=10.0, epochs=20)
+    assert kernel.shape == (30, 3) and bias.shape == (3,) and kernel.dtype == np.float32
+    assert history["accuracy"][-1] > 0.95 and not stopped
+    assert len(history["loss"]) < 20  # converged before the last epoch, and stopped there
+    strong, *_ = _fit_softmax(plan, x, y, n_classes=3, c=0.01, epochs=20)
+    assert np.linalg.norm(strong) < 0.5 * np.linalg.norm(kernel)  # a smaller C shrinks the weights
+
+
+def test_fit_softmax_stops_when_the_validation_loss_stops_improving(monkeypatch):
+    from maas_tasks import train
+    from maas_tasks.train import _fit_softmax
+
+    monkeypatch.setattr(train, "ITERATIONS_PER_EPOCH", 1)  # epochs short enough to see the loss turn
+    x, y = _separable(seed=1)
+    noise = np.random.default_rng(2).integers(0, 3, len(y))  # validation labels unrelated to the features
+    kernel, _, history, stopped = _fit_softmax(
+        DevicePlan("default", ("/CPU:0",)), x, y, n_classes=3, c=1e6, epochs=20, validation=(x, noise), patience=1,
     )
-    assert re.fullmatch(r"epoch 2/3: loss 0.4000, accuracy 0.8000; validation .*at most \d+ s left\)", second)
+    assert stopped and len(history["val_loss"]) < 20
+    assert np.argmin(history["val_loss"]) == len(history["val_loss"]) - 2  # the best epoch's weights are kept
+
+
+@pytest.mark.slow
+def test_fit_softmax_under_mirrored_strategy_matches_one_device():
+    """Two logical CPUs stand in for two GPUs: the rows are split between replicas and the sums reduced."""
+    script = textwrap.dedent(
+        """
+        import numpy as np, tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from maas_tasks.train import DevicePlan, _fit_softmax
+        from tests.maas_tasks.test_train import _separable
+        x, y = _separable()
+        mirrored = DevicePlan("mirrored", ("/CPU:0", "/CPU:1"))
+        k2, b2, h2, _ = _fit_softmax(mirrored, x, y, n_classes=3, c=10.0, epochs=3)
+        k1, b1, h1, _ = _fit_softmax(DevicePlan("default", ("/CPU:0",)), x, y, n_classes=3, c=10.0, epochs=3)
+        np.testing.assert_allclose(k2, k1, atol=1e-4)
+        np.testing.assert_allclose(h2["loss"], h1["loss"], rtol=1e-6)
+        print("replicas ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("replicas ok")
