@@ -243,7 +243,7 @@ def _fit_softmax(
     validation: tuple[Any, np.ndarray] | None = None,
     patience: int = DEFAULT_PATIENCE,
     label: str = "epoch",
-) -> tuple[np.ndarray, np.ndarray, dict[str, list[float]], bool]:
+) -> tuple[np.ndarray, np.ndarray, dict[str, list[float]], str | None]:
     """Fit L2-regularised softmax regression ``softmax(x @ kernel + bias)`` to ``y`` by full-batch L-BFGS.
 
     The objective is the mean cross-entropy plus ``||kernel||² / (2 c n)`` (liblinear's ``C``, per row), a
@@ -255,7 +255,8 @@ def _fit_softmax(
     it also stops when L-BFGS has converged.
 
     Returns:
-        The kernel ``[width, K]`` and bias ``[K]`` (float32), the per-epoch history and whether it stopped early.
+        The kernel ``[width, K]`` and bias ``[K]`` (float32), the per-epoch history and why it stopped before
+        ``epochs`` (``"converged"``, ``"validation loss stopped improving"``, or None).
     """
     tf = import_tensorflow()
     from scipy.optimize import minimize
@@ -301,7 +302,7 @@ def _fit_softmax(
         validation = (tf.SparseTensor(validation[0].indices, tf.cast(validation[0].values, tf.float64),
                                       validation[0].dense_shape), np.asarray(validation[1]))
     w = np.zeros(width * n_classes + n_classes)
-    best_w, best_loss, waited, stopped = w, np.inf, 0, False
+    best_w, best_loss, waited, stopped = w, np.inf, 0, None
     history: dict[str, list[float]] = {"loss": [], "accuracy": []}
     seconds: list[float] = []
     for epoch in range(1, epochs + 1):
@@ -321,9 +322,10 @@ def _fit_softmax(
         else:
             waited += 1
             if waited >= patience:
-                stopped = True
+                stopped = "validation loss stopped improving"
                 break
-        if result.nit < ITERATIONS_PER_EPOCH:  # converged: more iterations would not move it
+        if result.nit < ITERATIONS_PER_EPOCH and epoch < epochs:  # converged: more iterations would not move it
+            stopped = "converged"
             break
     kernel, bias = unpack(best_w)
     return kernel.astype(np.float32), bias.astype(np.float32), history, stopped
@@ -438,7 +440,7 @@ def train_model(
     log.info(
         "trained on %s: %d rows, %d epoch(s)%s, kept epoch %d, in %.1f s; score temperature %.3f for long texts, "
         "%.3f for 10 n-grams%s", plan.describe(), len(fit_df), len(history["loss"]),
-        " (stopped early: validation loss stopped improving)" if stopped else "", best_epoch, train_seconds,
+        f" (stopped early: {stopped})" if stopped else "", best_epoch, train_seconds,
         temperature, float(np.exp(calibration[0] + calibration[1] / np.sqrt(11.0))),
         "" if has_validation else " (too few rows to hold out a validation side)",
     )

@@ -196,7 +196,7 @@ def test_fit_softmax_learns_converges_and_regularises():
     plan = DevicePlan("default", ("/CPU:0",))
     kernel, bias, history, stopped = _fit_softmax(plan, x, y, n_classes=3, c=10.0, epochs=20)
     assert kernel.shape == (30, 3) and bias.shape == (3,) and kernel.dtype == np.float32
-    assert history["accuracy"][-1] > 0.95 and not stopped
+    assert history["accuracy"][-1] > 0.95 and stopped == "converged"
     assert len(history["loss"]) < 20  # converged before the last epoch, and stopped there
     strong, *_ = _fit_softmax(plan, x, y, n_classes=3, c=0.01, epochs=20)
     assert np.linalg.norm(strong) < 0.5 * np.linalg.norm(kernel)  # a smaller C shrinks the weights
@@ -212,7 +212,7 @@ def test_fit_softmax_stops_when_the_validation_loss_stops_improving(monkeypatch)
     kernel, _, history, stopped = _fit_softmax(
         DevicePlan("default", ("/CPU:0",)), x, y, n_classes=3, c=1e6, epochs=20, validation=(x, noise), patience=1,
     )
-    assert stopped and len(history["val_loss"]) < 20
+    assert stopped == "validation loss stopped improving" and len(history["val_loss"]) < 20
     assert np.argmin(history["val_loss"]) == len(history["val_loss"]) - 2  # the best epoch's weights are kept
 
 
