@@ -28,6 +28,9 @@ from maas_tasks.tf_runtime import import_tensorflow
 log = logging.getLogger(__name__)
 
 TERM_WEIGHTS_FILE = "term_weights.npy"
+# Per vocabulary token and class, how many train texts contain it: training re-weighs the terms from these
+# without its validation rows, so that held-out side never sees weights computed from its own labels.
+CLASS_COUNTS_FILE = "class_document_counts.npy"
 WEIGHTINGS = ("nb", "idf", "binary")
 # Chosen on a movie-disjoint split of the IMDB train set (docs/model.md): 1- to 3-grams found in at
 # least two texts, Naive-Bayes weighted. The cap only bites on large corpora (IMDB keeps ~0.8M).
@@ -170,6 +173,7 @@ def fit_vectorizer(
 
     Returns:
         ``vocabulary``, ``term_weights`` (one per token, see :func:`term_weights`), ``document_frequency``,
+        ``class_counts`` (``[tokens, classes]`` document counts), ``class_sizes`` (texts per class),
         ``ngrams``, ``min_df``, ``max_tokens`` and ``weighting``.
 
     Raises:
@@ -196,6 +200,8 @@ def fit_vectorizer(
         "vocabulary": [tokens[i] for i in kept],
         "term_weights": weights,
         "document_frequency": df[kept],
+        "class_counts": counts[kept] if kept else np.zeros((0, len(classes)), dtype=np.int64),
+        "class_sizes": class_sizes,
         "ngrams": ngrams,
         "min_df": min_df,
         "max_tokens": max_tokens,
@@ -222,9 +228,9 @@ def build_features(
 ) -> dict[str, Any]:
     """Split the cleaned table and fit the vocabulary and term weights; write ``features/<hash>/``.
 
-    Writes ``train.parquet``, ``eval.parquet``, ``vocabulary.txt``, ``term_weights.npy`` and, last (the
-    commit point), ``vectorizer.json`` (ngrams, min_df, max_tokens, weighting, vocab_size, classes sorted by
-    name). The hash covers the cleaned table's bytes and the arguments, so a re-run writes the same prefix.
+    Writes ``train.parquet``, ``eval.parquet``, ``vocabulary.txt``, ``term_weights.npy``,
+    ``class_document_counts.npy`` and, last (the commit point), ``vectorizer.json`` (ngrams, min_df,
+    max_tokens, weighting, vocab_size, classes sorted by name, class_sizes). The hash covers the cleaned table's bytes and the arguments, so a re-run writes the same prefix.
 
     Returns:
         ``key`` (the prefix), ``train_rows``, ``eval_rows``, ``classes`` and ``vocab_size``.
@@ -254,10 +260,14 @@ def build_features(
     buffer = io.BytesIO()
     np.save(buffer, fitted["term_weights"])
     store.put_bytes(f"{prefix}/{TERM_WEIGHTS_FILE}", buffer.getvalue())
+    buffer = io.BytesIO()
+    np.save(buffer, fitted["class_counts"].astype(np.int32))
+    store.put_bytes(f"{prefix}/{CLASS_COUNTS_FILE}", buffer.getvalue())
     vectorizer = {
         **{k: fitted[k] for k in ("ngrams", "min_df", "max_tokens", "weighting")},
         "vocab_size": len(fitted["vocabulary"]),
         "classes": classes,
+        "class_sizes": fitted["class_sizes"].tolist(),
     }
     store.put_bytes(f"{prefix}/vectorizer.json", json.dumps(vectorizer).encode())
     log.info(
@@ -277,9 +287,11 @@ def build_features(
 
 
 def load_vectorizer(store: Store, features_key: str) -> dict[str, Any]:
-    """A feature prefix's ``vectorizer.json`` with its ``vocabulary`` and ``term_weights`` read back in."""
+    """A feature prefix's ``vectorizer.json`` with its ``vocabulary``, ``term_weights`` and ``class_counts``
+    read back in."""
     features_key = features_key.rstrip("/")
     vectorizer = json.loads(store.get_bytes(f"{features_key}/vectorizer.json"))
     vectorizer["vocabulary"] = read_vocabulary(store.get_bytes(f"{features_key}/{VOCABULARY_FILE}"))
     vectorizer["term_weights"] = np.load(io.BytesIO(store.get_bytes(f"{features_key}/{TERM_WEIGHTS_FILE}")))
+    vectorizer["class_counts"] = np.load(io.BytesIO(store.get_bytes(f"{features_key}/{CLASS_COUNTS_FILE}")))
     return vectorizer

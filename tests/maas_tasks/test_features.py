@@ -103,7 +103,8 @@ def test_build_features_writes_split_and_vectorizer(file_store, cleaned):
     result = build_features(file_store, key, max_tokens=500, eval_fraction=0.2, seed=1)
     prefix = result["key"]
     assert prefix.startswith("features/")
-    names = ("eval.parquet", "term_weights.npy", "train.parquet", "vectorizer.json", "vocabulary.txt")
+    names = ("class_document_counts.npy", "eval.parquet", "term_weights.npy", "train.parquet", "vectorizer.json",
+             "vocabulary.txt")
     assert file_store.list_keys(prefix) == [f"{prefix}/{name}" for name in names]
     train = pd.read_parquet(io.BytesIO(file_store.get_bytes(f"{prefix}/train.parquet")))
     evaluation = pd.read_parquet(io.BytesIO(file_store.get_bytes(f"{prefix}/eval.parquet")))
@@ -116,5 +117,10 @@ def test_build_features_writes_split_and_vectorizer(file_store, cleaned):
     alone = fit_vectorizer(train["text"].tolist(), train["label"].tolist(), vec["classes"], max_tokens=500)
     assert alone["vocabulary"] == vec["vocabulary"]
     assert np.allclose(alone["term_weights"], vec["term_weights"])
+    # The per-class document counts give the weights back (training re-weighs from them without its validation rows).
+    assert vec["class_counts"].shape == (len(vec["vocabulary"]), 2)
+    assert np.array_equal(vec["class_counts"].sum(axis=1), alone["document_frequency"])
+    assert np.allclose(term_weights(vec["class_counts"], np.asarray(vec["class_sizes"]), "nb"), vec["term_weights"])
+    assert sum(vec["class_sizes"]) == len(train)
     assert build_features(file_store, key, max_tokens=500, eval_fraction=0.2, seed=1) == result
     assert build_features(file_store, key, max_tokens=400, eval_fraction=0.2, seed=1)["key"] != prefix

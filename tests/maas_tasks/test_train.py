@@ -163,6 +163,10 @@ def test_long_training_keeps_scores_calibrated(tmp_path):
     record = json.loads(store.get_bytes(f"{trained['prefix']}/history.json"))
     assert record["calibration"]["calibration_rows"] > 200
     assert record["calibration"]["temperature"] == trained["temperature"] != 1.0
+    # C was chosen on the validation side (the lowest validation loss of the grid's fits) and recorded.
+    selection = record["c_selection"]
+    assert len(selection) >= 2 and float(min(selection, key=selection.get)) == record["params"]["c"]
+    assert record["refit_history"]["loss"]  # the shipped model was refitted on every train row
 
 
 def test_each_epoch_is_logged_with_its_losses_accuracies_and_time(caplog):
@@ -239,3 +243,25 @@ def test_fit_softmax_under_mirrored_strategy_matches_one_device():
                          cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("replicas ok")
+
+
+def test_fit_side_weights_are_the_weights_counted_without_the_validation_rows():
+    import tensorflow as tf
+
+    from maas_tasks.features import fit_vectorizer
+    from maas_tasks.train import featurize, fit_side_weights
+
+    texts = ["good film", "good plot", "bad film", "bad plot", "good good", "bad acting", "good acting", "bad bad"]
+    labels = ["pos", "pos", "neg", "neg", "pos", "neg", "pos", "neg"]
+    everything = fit_vectorizer(texts, labels, ["neg", "pos"], ngrams=1, min_df=1)
+    vectorizer = {**everything, "classes": ["neg", "pos"]}
+    model = build_classifier(Artifact(["neg", "pos"], 1, everything["vocabulary"], everything["term_weights"],
+                                      np.zeros((len(everything["vocabulary"]) + 1, 2), np.float32), np.zeros(2, np.float32), {}))
+    held = featurize(model, texts[6:])
+    weights = fit_side_weights(vectorizer, held, np.array([1, 0]))
+    # The same as counting the first six texts alone, on the same vocabulary.
+    alone = fit_vectorizer(texts[:6], labels[:6], ["neg", "pos"], ngrams=1, min_df=1)
+    expected = dict(zip(alone["vocabulary"], alone["term_weights"]))
+    got = dict(zip(everything["vocabulary"], weights))
+    assert got == pytest.approx({token: expected.get(token, got[token]) for token in got})
+    assert isinstance(held, tf.SparseTensor)
