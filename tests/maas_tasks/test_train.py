@@ -265,3 +265,42 @@ def test_fit_side_weights_are_the_weights_counted_without_the_validation_rows():
     got = dict(zip(everything["vocabulary"], weights))
     assert got == pytest.approx({token: expected.get(token, got[token]) for token in got})
     assert isinstance(held, tf.SparseTensor)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _sampled_labels(logits: np.ndarray, temperature: np.ndarray | float, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    cumulative = _softmax(logits / np.reshape(temperature, (-1, 1))).cumsum(axis=1)
+    return (cumulative > rng.random((len(logits), 1))).argmax(axis=1)
+
+
+def test_fit_temperature_recovers_the_temperature_of_the_data():
+    logits = np.random.default_rng(0).normal(scale=4.0, size=(20000, 3))
+    labels = _sampled_labels(logits, 2.5)
+    assert fit_temperature(logits, labels) == pytest.approx(2.5, rel=0.05)
+    assert fit_temperature(logits / 2.5, labels) == pytest.approx(1.0, rel=0.05)
+
+
+def test_fit_temperature_is_bounded_and_checks_shapes():
+    separable = np.array([[2.0, -2.0], [-1.0, 1.0]])
+    assert fit_temperature(separable, [0, 1]) == pytest.approx(0.1, rel=1e-3)
+    assert fit_temperature(separable, [1, 0]) == pytest.approx(10.0, rel=1e-3)
+    with pytest.raises(ValueError, match="n x K logits"):
+        fit_temperature(np.zeros((2, 2)), [0])
+
+
+def test_length_calibration_recovers_a_temperature_that_grows_for_short_texts():
+    from maas_tasks.train import fit_length_calibration
+
+    rng = np.random.default_rng(1)
+    known = rng.integers(2, 400, 20000)
+    true_a, true_b = 0.2, 4.0
+    temperature = np.exp(true_a + true_b / np.sqrt(1.0 + known))
+    logits = rng.normal(scale=5.0, size=(len(known), 2))
+    labels = _sampled_labels(logits, temperature)
+    a, b = fit_length_calibration(logits, known, labels)
+    assert a == pytest.approx(true_a, abs=0.1) and b == pytest.approx(true_b, rel=0.15)

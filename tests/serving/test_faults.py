@@ -169,7 +169,7 @@ def test_a_corrupt_served_version_is_repaired_after_a_server_restart(server_node
     stack.start_model_server(settings, base_env=server_node["env"])  # starts anyway: other models serve
     with pytest.raises(Exception, match="Servable not found|NOT_FOUND"):
         served(server_node, model)
-    assert stack.sync_local_node(settings).startswith(f"node local: ")  # what `maas stack up` runs
+    assert stack.sync_local_node(settings).startswith("node local: ")  # what `maas stack up` runs
     converge_and_check(server_node, model, 1)
     assert variables.read_bytes() == (server_node["store"].root / f"models/{model}/1" / variables.relative_to(
         node.serving_dir / model / "1")).read_bytes()
