@@ -468,22 +468,22 @@ def train_model(
         len(validation_df), len(classes), model.width - 1, epochs, ITERATIONS_PER_EPOCH,
         " or ".join(f"{value:g}" for value in grid) + (" (the lowest validation loss)" if len(grid) > 1 else ""),
     )
-    fits, initial = [], None
+    fits: list[tuple[float, float, Any]] = []  # (validation loss, C, _fit_softmax's result)
+    initial = None
     # From strong regularisation to weak, each fit warm-started from the previous one, until the validation
-    # loss turns up.
+    # loss turns up (weaker regularisation past the best C only overfits more).
     for value in grid:
         fitted = _fit_softmax(
             plan, fit_x, fit_y, n_classes=len(classes), c=value, epochs=epochs,
             validation=validation if has_validation else None, patience=patience,
             label=f"C={value:g} epoch" if len(grid) > 1 else "epoch", initial=initial,
         )
-        fits.append((value, *fitted))
+        fits.append((min(fitted[2]["val_loss"]) if has_validation else 0.0, value, fitted))
         initial = fitted[:2]
-        losses = [min(f[3]["val_loss"]) for f in fits if "val_loss" in f[3]]
-        if len(losses) > 1 and losses[-1] > min(losses):  # past the best C: weaker regularisation only overfits more
+        if fits[-1][0] > min(f[0] for f in fits):
             break
-    c, kernel, bias, history, stopped = min(fits, key=lambda f: min(f[3].get("val_loss", [0.0])))
-    selection = {f"{value:g}": min(h["val_loss"]) for value, _, _, h, _ in fits if "val_loss" in h}
+    _, c, (kernel, bias, history, stopped) = min(fits, key=lambda f: f[0])
+    selection = {f"{value:g}": loss for loss, value, _ in fits} if has_validation else {}
     if len(fits) > 1:
         log.info(
             "chose C %g: the lowest validation loss (%s)", c,
