@@ -245,3 +245,33 @@ def test_metrics_and_confusion_matrix_read_as_text():
     assert lines[0].split() == ["true", "\\", "predicted", "negative", "positive"]
     assert lines[1].split() == ["negative", "33", "2"] and lines[2].split() == ["positive", "6", "39"]
     assert len({len(line) for line in lines}) == 1  # aligned columns
+
+
+def test_a_champion_that_cannot_be_scored_fails_the_gate_and_one_of_other_classes_is_not_judged(
+    trained_run, pg_dsn, monkeypatch
+):
+    from types import SimpleNamespace
+
+    from maas_tasks import evaluate
+    from maas_tasks.evaluate import evaluate_and_register
+    from maas_tasks.registry import Registry
+
+    store, model_key, features_key = trained_run["store"], trained_run["trained"]["key"], trained_run["features"]["key"]
+    with Registry.connect(pg_dsn) as registry:
+        # The registry says v7 is stable, but its files are not in the store (deleted, or a broken export).
+        monkeypatch.setattr(registry, "serving_target", lambda name: SimpleNamespace(stable=7))
+        missing = evaluate_and_register(store, registry, model_key, features_key, model_name="c1", min_accuracy=0.5,
+                                        snapshot_id=None, dag_run_id="c1-r1")
+        check = [c for c in missing["gate"]["checks"] if c["name"] == "champion"][0]
+        assert missing["gate"]["passed"] is False and check["passed"] is False
+        assert "champion v7 could not be scored" in check["detail"] and "force_promote" in check["detail"]
+        assert registry.get_version("c1", missing["version"]).status == "rejected"
+        forced = evaluate_and_register(store, registry, model_key, features_key, model_name="c1", min_accuracy=0.5,
+                                       force_promote=True, snapshot_id=None, dag_run_id="c1-r2")
+        assert forced["gate"]["passed"] and forced["gate"]["forced"] and forced["gate"]["forced_by"] == "c1-r2"
+        # A champion with other classes (the label set changed) cannot be compared: the thresholds decide.
+        monkeypatch.setattr(evaluate, "score_exported_version", lambda *a, **k: (["x", "y", "z"], None))
+        other = evaluate_and_register(store, registry, model_key, features_key, model_name="c1", min_accuracy=0.5,
+                                      snapshot_id=None, dag_run_id="c1-r3")
+        check = [c for c in other["gate"]["checks"] if c["name"] == "champion"][0]
+        assert other["gate"]["passed"] and "not comparable, judged on the thresholds only" in check["detail"]
