@@ -7,14 +7,12 @@ evaluation does not register a version, and export writes version 1.
 
 from __future__ import annotations
 
-import io
 import resource
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 
 from benchmarks.metrics import calibration_summary
 from maas_tasks.features import DEFAULT_MAX_TOKENS
@@ -89,7 +87,7 @@ def run_pipeline(
         lambda: train_model(store, features["key"], epochs=epochs, batch_size=batch_size, device=device),
     )
     metrics = _timed(stages, "evaluate", lambda: evaluate_model(store, trained["key"], features["key"]))
-    scores, labels = metrics.pop("scores"), metrics.pop("truth")
+    scores, labels, texts = metrics.pop("scores"), metrics.pop("truth"), metrics.pop("texts")
     exported = _timed(
         stages,
         "export",
@@ -98,7 +96,6 @@ def run_pipeline(
         ),
     )
 
-    eval_df = pd.read_parquet(io.BytesIO(store.get_bytes(f"{features['key']}/eval.parquet")))
     headline = {k: metrics[k] for k in ("accuracy", "precision", "recall", "f1", "roc_auc", "n_eval")}
     return {
         "stages": stages,
@@ -109,5 +106,5 @@ def run_pipeline(
         "short_probe": metrics.get("short_probe"),
         "slices": metrics.get("slices"),
         "export_prefix": exported["prefix"],
-        "eval_texts": eval_df["text"].tolist(),
+        "eval_texts": texts,
     }

@@ -271,7 +271,7 @@ def evaluate_model(store: Store, model_key: str, features_key: str) -> dict[str,
     Returns:
         :func:`describe_scores`'s dict plus ``column_slices`` (per value of each slice column, when the
         data has one), ``model_key``, ``features_key`` and ``scores`` (n x K, numpy; not recorded anywhere,
-        for the champion comparison and the report's plots) and ``truth`` (the rows' class indices).
+        for the champion comparison and the report's plots), ``truth`` (the rows' class indices) and ``texts``.
     """
     eval_df, classes = _eval_split(store, features_key)
     model = load_model(store, model_key)
@@ -286,7 +286,7 @@ def evaluate_model(store: Store, model_key: str, features_key: str) -> dict[str,
         metrics["column_slices"] = column_slices
     return {
         **metrics, "model_key": model_key, "features_key": features_key.rstrip("/"), "scores": scores,
-        "truth": _class_indices(labels, classes),
+        "truth": _class_indices(labels, classes), "texts": texts,
     }
 
 
@@ -473,10 +473,11 @@ def evaluate_and_register(
                     )
                 return _registration(existing.model_name, existing.version, existing.metrics)
     evaluation = evaluate_model(store, model_key, features_key)
-    scores, truth = evaluation["scores"], evaluation["truth"]
-    metrics = {k: v for k, v in evaluation.items() if k not in ("model_key", "features_key", "scores", "truth")}
-    eval_df, classes = _eval_split(store, features_key)
-    texts = eval_df["text"].tolist()
+    scores, truth, texts = evaluation["scores"], evaluation["truth"], evaluation["texts"]
+    metrics = {
+        k: v for k, v in evaluation.items() if k not in ("model_key", "features_key", "scores", "truth", "texts")
+    }
+    classes = metrics["classes"]
     checks = absolute_checks(metrics, min_accuracy=min_accuracy, min_roc_auc=min_roc_auc)
     # The stable version this one is gated against: promotion replaces only that one (else: superseded).
     target = registry.serving_target(model_name)
