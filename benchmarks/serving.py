@@ -202,13 +202,18 @@ def measure_serving_memory(
     import subprocess
     import sys
 
+    if not texts:
+        raise ValueError("no texts to send: the eval split is empty")
     longest = sorted(texts, key=len, reverse=True)[:batch_size]
     batch = [longest[i % len(longest)] for i in range(batch_size)]
     body = json.dumps({"instances": batch}).encode()
     with tempfile.TemporaryDirectory(prefix="maas-bench-memory-") as tmp:
         version = export_prefix.rstrip("/").rsplit("/", 1)[-1]
         download_tree(store, export_prefix, Path(tmp) / model_name / version)
-        grpc_port, rest_port = _free_port(), _free_port()
+        grpc_port = _free_port()
+        rest_port = _free_port()
+        while rest_port == grpc_port:
+            rest_port = _free_port()
         process = subprocess.Popen(
             [sys.executable, "-m", "serving.server", f"--port={grpc_port}", f"--rest_api_port={rest_port}",
              f"--model_name={model_name}", f"--model_base_path={Path(tmp) / model_name}",
@@ -220,13 +225,15 @@ def measure_serving_memory(
             while True:
                 if process.poll() is not None:
                     raise BenchmarkError(f"the model server exited with status {process.returncode} while starting")
+                connection = http.client.HTTPConnection(HOST, rest_port, timeout=5)
                 try:
-                    connection = http.client.HTTPConnection(HOST, rest_port, timeout=5)
                     connection.request("GET", f"/v1/models/{model_name}")
                     if b"AVAILABLE" in connection.getresponse().read():
                         break
                 except OSError:
                     pass
+                finally:
+                    connection.close()
                 if time.monotonic() > deadline:
                     raise BenchmarkError(f"the model server did not serve {model_name} within {start_timeout:.0f} s")
                 time.sleep(0.5)
@@ -239,7 +246,11 @@ def measure_serving_memory(
             after = _memory_mb(process.pid)
         finally:
             process.terminate()
-            process.wait(timeout=30)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
     return {
         "batch_size": batch_size,
         "words_per_text": sum(len(t.split()) for t in batch) / len(batch),

@@ -36,6 +36,8 @@ ARTIFACT_FILES = (MODEL_JSON, VOCABULARY_FILE, WEIGHTS_FILE)
 # Bumped when standardize/ngram_tokens change, so a model is never served with another tokenizer than it
 # was trained with (load_artifact refuses a mismatch).
 TOKENIZER_VERSION = 1
+# The length-aware temperature stays within these bounds for every length, as it did when it was fitted.
+TEMPERATURE_BOUNDS = (0.1, 10.0)
 
 
 def standardize(texts: Any) -> Any:
@@ -136,7 +138,8 @@ def _classifier_class() -> type:
                 tf.ones_like(features.values), features.indices[:, 0], features.dense_shape[0]
             )
             a, b = tf.unstack(tf.convert_to_tensor(self.calibration))
-            return tf.exp(a + b * tf.math.rsqrt(known + 1.0))
+            low, high = np.log(TEMPERATURE_BOUNDS[0]), np.log(TEMPERATURE_BOUNDS[1])
+            return tf.exp(tf.clip_by_value(a + b * tf.math.rsqrt(known + 1.0), low, high))
 
         def call(self, texts: Any, training: bool = False) -> Any:
             features = self.features(texts)

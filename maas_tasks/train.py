@@ -30,7 +30,7 @@ import pandas as pd
 
 from maas_tasks.config import DEVICE_CHOICES
 from maas_tasks.features import load_vectorizer, split_frame
-from maas_tasks.model import Artifact, build_classifier, first_words, save_artifact
+from maas_tasks.model import TEMPERATURE_BOUNDS, Artifact, build_classifier, first_words, save_artifact
 from maas_tasks.storage import Store
 from maas_tasks.tf_runtime import import_tensorflow
 
@@ -51,7 +51,6 @@ VALIDATION_LOSS_TOLERANCE = 0.005
 DEFAULT_CALIBRATION_FRACTION = 0.1
 # Below this many held-out rows a fitted temperature is noise (and a separable slice drives it to zero).
 MIN_CALIBRATION_ROWS = 200
-_TEMPERATURE_BOUNDS = (0.1, 10.0)
 # The validation texts are also cut to their first words at these lengths to fit the length-aware temperature.
 CALIBRATION_PREFIX_WORDS = (6, 12, 25, 50)
 
@@ -134,6 +133,16 @@ def make_strategy(plan: DevicePlan) -> Any:
     return tf.distribute.get_strategy()
 
 
+def deterministic_ops(plan: DevicePlan) -> bool:
+    """Whether to switch on TensorFlow's deterministic ops for ``plan``: on the CPU only.
+
+    TensorFlow has no deterministic GPU kernel for the sparse matmuls the fit is made of: with determinism on,
+    they fail (UnimplementedError) instead of running. On GPUs a run is therefore repeatable up to the order of
+    floating-point sums (the fit itself has no randomness); on the CPU it is identical to the last digit.
+    """
+    return plan.strategy == "default"
+
+
 def _read_parquet(store: Store, key: str) -> pd.DataFrame:
     return pd.read_parquet(io.BytesIO(store.get_bytes(key)))
 
@@ -161,7 +170,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         top = z.max(axis=1)
         return float(np.mean(top + np.log(np.exp(z - top[:, None]).sum(axis=1)) - picked / np.exp(log_t)))
 
-    low, high = np.log(_TEMPERATURE_BOUNDS[0]), np.log(_TEMPERATURE_BOUNDS[1])
+    low, high = np.log(TEMPERATURE_BOUNDS[0]), np.log(TEMPERATURE_BOUNDS[1])
     ratio = (np.sqrt(5) - 1) / 2
     for _ in range(60):  # shrinks the bracket by 0.618**60: far below any useful precision
         left, right = high - ratio * (high - low), low + ratio * (high - low)
@@ -186,7 +195,7 @@ def fit_length_calibration(logits: np.ndarray, known: np.ndarray, labels: np.nda
     labels = np.asarray(labels, dtype=np.int64)
     scale = 1.0 / np.sqrt(1.0 + np.asarray(known, dtype=np.float64))
     picked = logits[np.arange(len(labels)), labels]
-    low, high = np.log(_TEMPERATURE_BOUNDS[0]), np.log(_TEMPERATURE_BOUNDS[1])
+    low, high = np.log(TEMPERATURE_BOUNDS[0]), np.log(TEMPERATURE_BOUNDS[1])
 
     def log_loss(params: np.ndarray) -> float:
         log_t = np.clip(params[0] + params[1] * scale, low, high)
@@ -440,7 +449,8 @@ def train_model(
     fit_df, validation_df = _split_calibration(
         _read_parquet(store, f"{features_key}/train.parquet"), calibration_fraction, seed
     )
-    tf.config.experimental.enable_op_determinism()
+    if deterministic_ops(plan):
+        tf.config.experimental.enable_op_determinism()
 
     started = time.perf_counter()
     artifact = Artifact(
@@ -460,6 +470,7 @@ def train_model(
     fit_x, fit_y = featurize(model, fit_df["text"].tolist(), batch_size), _labels(fit_df, classes)
     validation = (featurize(model, validation_df["text"].tolist(), batch_size), _labels(validation_df, classes))
     featurize_seconds = time.perf_counter() - started
+    requested_c = c
     # Without a validation side there is nothing to choose C on: the default serves.
     grid = [c] if c is not None else list(C_GRID) if has_validation else [DEFAULT_C]
     log.info(
@@ -533,7 +544,8 @@ def train_model(
         "epochs": epochs, "batch_size": batch_size, "c": c, "patience": patience,
         "calibration_fraction": calibration_fraction, "refit": refit, "seed": seed,
     }
-    digest = hashlib.sha256(json.dumps({"features": features_key, **params}, sort_keys=True).encode())
+    # The prefix names what was asked for (C chosen or given), so two different models never share one.
+    digest = hashlib.sha256(json.dumps({"features": features_key, **params, "c": requested_c}, sort_keys=True).encode())
     prefix = f"trained/{digest.hexdigest()[:16]}"
     calibration_record = {
         "temperature": temperature, "length_coefficient": float(calibration[1]), "fit_rows": len(fit_df),

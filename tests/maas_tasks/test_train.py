@@ -304,3 +304,24 @@ def test_length_calibration_recovers_a_temperature_that_grows_for_short_texts():
     labels = _sampled_labels(logits, temperature)
     a, b = fit_length_calibration(logits, known, labels)
     assert a == pytest.approx(true_a, abs=0.1) and b == pytest.approx(true_b, rel=0.15)
+
+
+def test_deterministic_ops_only_on_the_cpu():
+    from maas_tasks.train import deterministic_ops
+
+    # TensorFlow has no deterministic GPU kernel for sparse matmuls: switching determinism on there fails the fit.
+    assert deterministic_ops(plan_devices("auto", [CPU])) is True
+    assert deterministic_ops(plan_devices("auto", [CPU, GPU])) is False
+    assert deterministic_ops(plan_devices("auto", [CPU, GPU, SimpleNamespace(name="g1", device_type="GPU")])) is False
+
+
+def test_served_temperature_stays_within_its_bounds():
+    import tensorflow as tf
+
+    from maas_tasks.model import TEMPERATURE_BOUNDS
+
+    hot = build_classifier(Artifact(**{**_toy_artifact().__dict__, "calibration": np.array([5.0, 0.0], np.float32)}))
+    cold = build_classifier(Artifact(**{**_toy_artifact().__dict__, "calibration": np.array([-5.0, 0.0], np.float32)}))
+    features = hot.features(tf.constant(["good film", "bad"]))
+    assert hot.temperature(features).numpy() == pytest.approx([TEMPERATURE_BOUNDS[1]] * 2)
+    assert cold.temperature(features).numpy() == pytest.approx([TEMPERATURE_BOUNDS[0]] * 2)
