@@ -415,17 +415,27 @@ def decide_gate(checks: list[dict[str, Any]], *, force: bool = False, forced_by:
     }
 
 
-def _score_champion(store: Store, registry: Any, model_name: str, champion: int, texts: list[str],
-                    classes: list[str]) -> tuple[np.ndarray | None, str | None]:
-    """The champion's scores on ``texts``, or why it cannot be compared."""
+def _score_champion(store: Store, model_name: str, champion: int, texts: list[str],
+                    classes: list[str]) -> tuple[np.ndarray | None, dict[str, Any] | None]:
+    """The champion's scores on ``texts``; or, when it cannot be compared, the champion check saying why.
+
+    A champion that cannot be read or run fails the check (``force_promote`` overrides); one with other
+    classes (the label set changed) is not comparable, and the thresholds alone decide.
+    """
     from maas_tasks.export import version_prefix
 
     try:
         champion_classes, scores = score_exported_version(store, version_prefix(model_name, champion), texts)
     except Exception as exc:  # noqa: BLE001 - any failure to read or run the champion is reported as such
-        return None, f"champion v{champion} could not be scored ({type(exc).__name__}: {exc})"
+        return None, _check(
+            "champion", False, f"champion v{champion} could not be scored ({type(exc).__name__}: {exc}); use "
+            "force_promote to promote anyway",
+        )
     if champion_classes != classes:
-        return None, f"champion v{champion} has classes {champion_classes}, the new model {classes}"
+        return None, _check(
+            "champion", True, f"champion v{champion} has classes {champion_classes}, the new model {classes}: not "
+            "comparable, judged on the thresholds only",
+        )
     return scores, None
 
 
@@ -485,16 +495,14 @@ def evaluate_and_register(
     if champion is None:
         checks.append(_check("champion", True, "no champion: this is the first version to serve"))
     else:
-        champion_scores, problem = _score_champion(store, registry, model_name, champion, texts, classes)
-        if champion_scores is not None:
+        champion_scores, not_compared = _score_champion(store, model_name, champion, texts, classes)
+        if not_compared is not None:
+            checks.append(not_compared)
+        else:
             checks += champion_checks(
                 truth, scores, champion_scores, texts, champion,
                 tolerance=champion_tolerance, slice_tolerance=slice_tolerance,
             )
-        elif "has classes" in problem:
-            checks.append(_check("champion", True, f"{problem}: not comparable, judged on the thresholds only"))
-        else:
-            checks.append(_check("champion", False, f"{problem}; use force_promote to promote anyway"))
     gate = decide_gate(checks, force=force_promote, forced_by=dag_run_id)
     gate["champion"] = champion
     log.info("held-out metrics on %d rows: %s", metrics["n_eval"], format_metrics(metrics))
