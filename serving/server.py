@@ -41,11 +41,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import get_model_status_pb2
 
 from maas_tasks.config import DEFAULT_GRPC_PORT, DEFAULT_MODEL_NAME, DEFAULT_REST_PORT
+from serving.batching import BatchingOptions, BatchScheduler
 from serving.model_config import (
     TENSORFLOW_PLATFORM,
     ModelConfig,
@@ -54,172 +54,27 @@ from serving.model_config import (
     read_model_config,
     single_model_config,
 )
+from serving.servable import (  # noqa: F401 - re-exported: the server's public types
+    DEFAULT_SIGNATURE,
+    WARMUP_FILE,
+    LoadOptions,
+    Servable,
+    ServingError,
+    Signature,
+    load_servable,
+    replay_warmup,
+    status_code_from_number,
+)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SIGNATURE = "serving_default"
 VersionStatus = get_model_status_pb2.ModelVersionStatus
 AVAILABLE = VersionStatus.AVAILABLE
 LOADING = VersionStatus.LOADING
 END = VersionStatus.END
 
-_CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 _VERSION_DIR = re.compile(r"\d+")
-
-
-class ServingError(Exception):
-    """A request failed with a TF Serving status: a gRPC code and TF Serving's message."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"{self.code.name}: {self.message}"
-
-
-def status_code_from_number(number: int) -> grpc.StatusCode:
-    """The gRPC code for a TensorFlow/absl error number (both use the same numbering)."""
-    return _CODES_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
-
-
-@dataclass
-class Signature:
-    """One signature of a loaded SavedModel: its function, input specs and output names."""
-
-    name: str
-    function: Any
-    inputs: dict[str, tf.TensorSpec]
-    outputs: list[str]
-
-    def run(self, inputs: dict[str, Any], output_filter: list[str] | None = None) -> dict[str, np.ndarray]:
-        """Run the signature on named input values and return the requested outputs as arrays.
-
-        Raises:
-            ServingError: INVALID_ARGUMENT for missing/extra inputs, wrong dtypes or shapes, or an
-                unknown/duplicate output in ``output_filter``; the TF error's code if the run fails.
-        """
-        sent, expected = set(inputs), set(self.inputs)
-        if sent != expected:
-            raise ServingError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"input size does not match signature: {len(sent)}!={len(expected)} "
-                f"len({{{','.join(sorted(sent))}}}) != len({{{','.join(sorted(expected))}}}). "
-                f"Sent extra: {{{','.join(sorted(sent - expected))}}}. "
-                f"Missing but required: {{{','.join(sorted(expected - sent))}}}.",
-            )
-        wanted = self._check_output_filter(output_filter or [])
-        tensors = {name: self._input_tensor(name, value) for name, value in inputs.items()}
-        try:
-            results = self.function(**tensors)
-        except tf.errors.OpError as exc:
-            raise ServingError(status_code_from_number(exc.error_code), exc.message) from None
-        except (TypeError, ValueError) as exc:
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"signature {self.name!r} rejected the inputs: {exc}") from None
-        return {name: results[name].numpy() for name in wanted}
-
-    def _check_output_filter(self, output_filter: list[str]) -> list[str]:
-        seen: set[str] = set()
-        for alias in output_filter:
-            if alias not in self.outputs:
-                raise ServingError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"output tensor alias not found in signature: {alias} "
-                    f"Outputs expected to be in the set {{{','.join(self.outputs)}}}.",
-                )
-            if alias in seen:
-                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"duplicate output tensor alias: {alias}")
-            seen.add(alias)
-        return list(output_filter) or list(self.outputs)
-
-    def _input_tensor(self, name: str, value: Any) -> tf.Tensor:
-        spec = self.inputs[name]
-        try:
-            tensor = tf.convert_to_tensor(value, dtype=spec.dtype)
-        except (TypeError, ValueError, tf.errors.OpError) as exc:
-            raise ServingError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"input {name!r} cannot be converted to {spec.dtype.name}, as signature {self.name!r} expects: {exc}",
-            ) from None
-        if not spec.shape.is_compatible_with(tensor.shape):
-            raise ServingError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"input {name!r} has shape {tensor.shape.as_list()}, "
-                f"but signature {self.name!r} expects {spec.shape.as_list()} (None = any size)",
-            )
-        return tensor
-
-
-@dataclass
-class Servable:
-    """A loaded model version."""
-
-    name: str
-    version: int
-    path: Path
-    signatures: dict[str, Signature]
-    loaded: Any = field(repr=False)  # keeps the SavedModel's variables alive
-
-    def signature(self, name: str) -> Signature:
-        """The signature called ``name`` (empty means ``serving_default``).
-
-        Raises:
-            ServingError: FAILED_PRECONDITION when the SavedModel has no such signature.
-        """
-        try:
-            return self.signatures[name or DEFAULT_SIGNATURE]
-        except KeyError:
-            raise ServingError(
-                grpc.StatusCode.FAILED_PRECONDITION, f'Serving signature key "{name or DEFAULT_SIGNATURE}" not found.'
-            ) from None
-
-
-WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
-
-
-def load_servable(name: str, version: int, path: Path) -> Servable:
-    """Load the SavedModel in ``path`` as version ``version`` of model ``name``, then replay its warm-up
-    requests (``assets.extra/tf_serving_warmup_requests``), as TF Serving does before a version serves."""
-    loaded = tf.saved_model.load(str(path))
-    signatures = {}
-    for key, function in loaded.signatures.items():
-        _, input_specs = function.structured_input_signature
-        signatures[key] = Signature(key, function, dict(input_specs), sorted(function.structured_outputs))
-    servable = Servable(name, version, Path(path), signatures, loaded)
-    replay_warmup(servable, Path(path) / WARMUP_FILE)
-    return servable
-
-
-def replay_warmup(servable: Servable, warmup: Path) -> int:
-    """Run the Predict requests of a warm-up file through ``servable``; returns how many ran.
-
-    Raises:
-        ServingError: a record cannot be parsed or its request fails (the version then does not load, as
-            in TF Serving). Records of other request kinds (classify, regress, ...) are skipped.
-    """
-    if not warmup.is_file():
-        return 0
-    from tensorflow_serving.apis import prediction_log_pb2
-
-    replayed = 0
-    try:
-        for raw in tf.data.TFRecordDataset(str(warmup)).as_numpy_iterator():
-            record = prediction_log_pb2.PredictionLog.FromString(raw)
-            if record.WhichOneof("log_type") != "predict_log":
-                continue
-            request = record.predict_log.request
-            signature = servable.signature(request.model_spec.signature_name or None)
-            signature.function(**{k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()})
-            replayed += 1
-    except ServingError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a broken warm-up file fails the load with its reason
-        raise ServingError(
-            grpc.StatusCode.INVALID_ARGUMENT, f"Warm-up of {warmup} failed: {type(exc).__name__}: {exc}"
-        ) from exc
-    log.info("Finished reading warmup data for model at %s. Number of warmup records read: %d.", warmup.parent.parent, replayed)
-    return replayed
+_FILE_SCHEME = "file://"
 
 
 @dataclass
@@ -239,6 +94,13 @@ class _Model:
     versions: dict[int, _Version] = field(default_factory=dict)
     labels: dict[str, int] = field(default_factory=dict)
     warned: str = ""
+    # Dropped from the config by a reload: its versions stay listed, in END, as in TF Serving.
+    removed: bool = False
+
+
+def local_base_path(base_path: str) -> str:
+    """The directory a base path names: a plain absolute path or a ``file://`` URI."""
+    return base_path[len(_FILE_SCHEME) :] if base_path.startswith(_FILE_SCHEME) else base_path
 
 
 def _validate_config(config: ModelServerConfig) -> None:
@@ -263,13 +125,14 @@ def _validate_config(config: ModelServerConfig) -> None:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"Model {entry.name} requests unsupported platform {entry.model_platform}",
             )
-        if "://" in entry.base_path:
+        base_path = local_base_path(entry.base_path)
+        if "://" in base_path:
             raise ServingError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"Model {entry.name} has base_path {entry.base_path}, which this server cannot read: "
                 "copy the versions to a local directory (serving.sync does) and point base_path there",
             )
-        if not os.path.isabs(entry.base_path):
+        if not os.path.isabs(base_path):
             raise ServingError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"Expected model {entry.name} to have an absolute path or URI; got base_path()={entry.base_path}",
@@ -291,7 +154,9 @@ class ModelManager:
     reconciliation (poll or reload) at a time.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, load_options: LoadOptions | None = None, batcher: BatchScheduler | None = None) -> None:
+        self._load_options = load_options or LoadOptions()
+        self._batcher = batcher
         self._lock = threading.Lock()
         self._reconcile_lock = threading.Lock()
         self._config = ModelServerConfig()
@@ -323,11 +188,21 @@ class ModelManager:
         with self._reconcile_lock:
             with self._lock:
                 new_models = [name for name in entries if name not in self._models]
-                for name in [name for name in self._models if name not in entries]:
-                    log.info("Unloading all versions of model %s: it is no longer in the config", name)
-                    del self._models[name]
+                for name, model in self._models.items():
+                    if name not in entries and not model.removed:
+                        log.info("Unloading all versions of model %s: it is no longer in the config", name)
+                        model.removed = True
+                        model.labels = {}
+                        for version, state in model.versions.items():
+                            if state.state != END or state.servable is not None:
+                                model.versions[version] = _Version(state.path, END)
+                            else:
+                                state.may_retry = True  # no longer aspired: a failed load is tried again if re-added
                 for name, entry in entries.items():
                     model = self._models.setdefault(name, _Model(ModelConfig()))
+                    if model.removed:
+                        new_models.append(name)
+                        model.removed = False
                     model.config.CopyFrom(entry)
                 self._config.CopyFrom(config)
             for name in entries:
@@ -397,6 +272,15 @@ class ModelManager:
                 status.status.error_message = entry.error_message
         return response
 
+    def version_states(self) -> list[tuple[str, int, str]]:
+        """(model, version, state name) of every tracked version, for the metrics."""
+        with self._lock:
+            return [
+                (name, version, VersionStatus.State.Name(entry.state))
+                for name, model in self._models.items()
+                for version, entry in model.versions.items()
+            ]
+
     def stop(self) -> None:
         """Drop every loaded version."""
         with self._reconcile_lock, self._lock:
@@ -417,7 +301,7 @@ class ModelManager:
 
     def _aspired_versions(self, model: _Model) -> dict[int, Path]:
         entry = model.config
-        base = Path(entry.base_path)
+        base = Path(local_base_path(entry.base_path))
         try:
             found = {int(p.name): p for p in base.iterdir() if _VERSION_DIR.fullmatch(p.name) and p.is_dir()}
         except OSError as exc:
@@ -459,7 +343,7 @@ class ModelManager:
     def _reconcile_model(self, name: str) -> None:
         with self._lock:
             model = self._models.get(name)
-            if model is None:
+            if model is None or model.removed:
                 return
             aspired = self._aspired_versions(model)
             for version, entry in model.versions.items():
@@ -480,7 +364,10 @@ class ModelManager:
         name = model.config.name
         log.info("Loading servable: {name: %s version: %d} from %s", name, version, path)
         try:
-            servable = load_servable(name, version, path)
+            servable = load_servable(name, version, path, self._load_options)
+            if self._batcher is not None:
+                for signature in servable.signatures.values():
+                    signature.batcher = self._batcher
         except Exception as exc:  # any loader failure becomes the version's status, as in TF Serving
             code, message = _load_error(exc)
             log.error("Loading servable: {name: %s version: %d} failed: %s", name, version, message)
@@ -538,15 +425,37 @@ class ModelManager:
             )
 
 
+@dataclass(frozen=True)
+class FrontEndOptions:
+    """How the REST and gRPC front ends take connections (TF Serving's flags, and MaaS's limits)."""
+
+    rest_timeout_seconds: float = 30.0  # --rest_api_timeout_in_ms: reading a request, and answering it
+    rest_threads: int = 64  # --rest_api_num_threads: requests worked on at once (the rest wait, queued)
+    rest_max_body_bytes: int = 64 * 1024 * 1024  # larger bodies get 413 before they are read
+    rest_idle_seconds: float = 60.0  # a kept-alive connection with no request is closed after this
+    rest_max_pending: int = 4096  # requests queued beyond this get 503 (UNAVAILABLE), not a reset
+    rest_backlog: int = 4096  # the listen backlog: bursts of new connections wait instead of being refused
+    rest_cors: bool = False  # --rest_api_enable_cors_support
+    grpc_max_threads: int = 128  # --grpc_max_threads: an RPC blocked in a batch holds one
+    grpc_socket_path: str = ""  # --grpc_socket_path: also listen on this Unix socket
+    grpc_channel_arguments: tuple[tuple[str, Any], ...] = ()  # --grpc_channel_arguments
+
+
 class ModelServer:
     """The model server: a :class:`ModelManager`, its file-system poller, and the gRPC and REST front ends.
 
     Args:
         config: the models to serve.
         host: address to listen on.
-        grpc_port: gRPC port; 0 picks a free one (see :attr:`grpc_port` after :meth:`start`).
+        grpc_port: gRPC port; 0 picks a free one (see :attr:`grpc_port` after :meth:`start`); None: no TCP gRPC.
         rest_port: REST port; 0 picks a free one; None disables REST.
         poll_wait_seconds: seconds between file-system polls; 0 or less polls only on (re)load.
+        config_file: the ``--model_config_file`` the config came from, re-read every
+            ``config_poll_seconds`` when that is above 0 (``--model_config_file_poll_wait_seconds``).
+        batching: server-side batching options (``--enable_batching``); None: no batching.
+        metrics_path: the REST path of the Prometheus metrics; None: no metrics endpoint.
+        load_options: how versions are loaded (tags, session threads, warm-up).
+        front_end: connection limits and timeouts of the front ends.
     """
 
     def __init__(
@@ -554,19 +463,33 @@ class ModelServer:
         config: ModelServerConfig,
         *,
         host: str = "127.0.0.1",
-        grpc_port: int = DEFAULT_GRPC_PORT,
+        grpc_port: int | None = DEFAULT_GRPC_PORT,
         rest_port: int | None = DEFAULT_REST_PORT,
         poll_wait_seconds: float = 1.0,
+        config_file: Path | None = None,
+        config_poll_seconds: float = 0.0,
+        batching: BatchingOptions | None = None,
+        metrics_path: str | None = None,
+        load_options: LoadOptions | None = None,
+        front_end: FrontEndOptions | None = None,
     ) -> None:
-        self.manager = ModelManager()
+        from serving.metrics import ServerMetrics
+
+        self._batcher = BatchScheduler(batching, self._observe_batch) if batching is not None else None
+        self.manager = ModelManager(load_options, self._batcher)
+        self.metrics = ServerMetrics(self.manager.version_states)
+        self.metrics_path = metrics_path
         self.host = host
         self.grpc_port = grpc_port
         self.rest_port = rest_port
+        self.front_end = front_end or FrontEndOptions()
         self._config = config
+        self._config_file = Path(config_file) if config_file else None
+        self._config_poll = config_poll_seconds
         self._poll_wait = poll_wait_seconds
         self._stop = threading.Event()
         self._grpc_server: grpc.Server | None = None
-        self._http_server = None
+        self._rest_server = None
         self._threads: list[threading.Thread] = []
 
     @property
@@ -579,6 +502,9 @@ class ModelServer:
         """Base URL of the REST API (the bound port once started)."""
         return f"http://{self.host}:{self.rest_port}"
 
+    def _observe_batch(self, signature: Signature, rows: int) -> None:
+        self.metrics.observe_batch(signature, rows)
+
     def start(self) -> None:
         """Load the configured models, then start listening and polling.
 
@@ -587,7 +513,7 @@ class ModelServer:
             OSError: a port cannot be bound.
         """
         from serving.grpc_service import create_grpc_server
-        from serving.rest import create_rest_server
+        from serving.rest import RestServer
 
         try:
             self.manager.reload_config(self._config)
@@ -598,33 +524,45 @@ class ModelServer:
             # node from serving its other models, nor from being repaired (serving.sync re-installs it).
             log.error("Starting without every model available: %s", exc.message)
         try:
-            self._grpc_server, self.grpc_port = create_grpc_server(self.manager, self.host, self.grpc_port)
+            self._grpc_server, self.grpc_port = create_grpc_server(
+                self.manager, self.host, self.grpc_port, self.front_end, self.metrics
+            )
             self._grpc_server.start()
-            log.info("Running gRPC ModelServer at %s:%d ...", self.host, self.grpc_port)
+            if self.grpc_port:
+                log.info("Running gRPC ModelServer at %s:%d ...", self.host, self.grpc_port)
+            if self.front_end.grpc_socket_path:
+                log.info("Running gRPC ModelServer at UNIX socket %s ...", self.front_end.grpc_socket_path)
             if self.rest_port is not None:
-                self._http_server = create_rest_server(self.manager, self.host, self.rest_port)
-                self.rest_port = self._http_server.server_address[1]
-                self._start_thread("rest", self._http_server.serve_forever)
+                self._rest_server = RestServer(
+                    self.manager, self.host, self.rest_port, self.front_end, self.metrics, self.metrics_path
+                )
+                self._rest_server.start()
+                self.rest_port = self._rest_server.port
                 log.info("Exporting HTTP/REST API at:%s:%d ...", self.host, self.rest_port)
+                if self.metrics_path:
+                    log.info("Prometheus metrics at %s%s", self.rest_url, self.metrics_path)
         except BaseException:
             self.stop()
             raise
         if self._poll_wait > 0:
             self._start_thread("poller", self._poll_forever)
+        if self._config_file is not None and self._config_poll > 0:
+            self._start_thread("config-poller", self._poll_config_forever)
 
     def stop(self, grace: float = 2.0) -> None:
         """Stop listening (letting in-flight requests finish for up to ``grace`` seconds) and unload."""
         self._stop.set()
-        if self._http_server is not None:
-            self._http_server.shutdown()
-            self._http_server.server_close()
-            self._http_server = None
+        if self._rest_server is not None:
+            self._rest_server.stop(grace)
+            self._rest_server = None
         if self._grpc_server is not None:
             self._grpc_server.stop(grace).wait()
             self._grpc_server = None
         for thread in self._threads:
             thread.join(timeout=grace + 5)
         self._threads.clear()
+        if self._batcher is not None:
+            self._batcher.stop()
         self.manager.stop()
 
     def __enter__(self) -> ModelServer:
@@ -646,28 +584,99 @@ class ModelServer:
             except Exception:  # keep polling: one bad pass must not stop version updates
                 log.exception("FileSystemStoragePathSource encountered a filesystem access error")
 
+    def _poll_config_forever(self) -> None:
+        applied = self.manager.config
+        while not self._stop.wait(self._config_poll):
+            try:
+                config = read_model_config(self._config_file)
+            except ModelConfigError as exc:
+                log.error("Failed to read the model config file; keeping the config in force: %s", exc)
+                continue
+            if config == applied:
+                continue
+            try:
+                self.manager.reload_config(config)
+            except ServingError as exc:
+                log.error("Reloading %s failed: %s", self._config_file, exc.message)
+            applied = config
+
+
+def _positive_seconds_ms(value: str) -> float:
+    number = int(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of milliseconds, got {value}")
+    return number / 1000.0
+
+
+def parse_channel_arguments(text: str) -> tuple[tuple[str, Any], ...]:
+    """``--grpc_channel_arguments``: ``key=value`` pairs, comma separated; integer values become ints.
+
+    Raises:
+        ValueError: a pair has no ``=`` or an empty key.
+    """
+    pairs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--grpc_channel_arguments: {item!r} is not key=value")
+        value = value.strip()
+        pairs.append((key.strip(), int(value) if re.fullmatch(r"-?\d+", value) else value))
+    return tuple(pairs)
+
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    """The command line, with TF Serving's flag names."""
+    """The command line, with TF Serving's flag names (``--flag=value`` and ``--flag value`` both work)."""
     parser = argparse.ArgumentParser(
         prog="python -m serving.server",
         description="MaaS model server: TF Serving's REST and gRPC APIs for SavedModels, with TF Serving's flags.",
     )
-    parser.add_argument("--port", type=int, default=DEFAULT_GRPC_PORT, help="gRPC port (default %(default)s)")
-    parser.add_argument(
-        "--rest_api_port", type=int, default=DEFAULT_REST_PORT, help="REST port; 0 disables REST (default %(default)s)"
-    )
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
-    parser.add_argument("--model_config_file", help="text-format ModelServerConfig; overrides --model_name/--model_base_path")
-    parser.add_argument("--model_name", default=DEFAULT_MODEL_NAME, help="model name (default %(default)s)")
-    parser.add_argument("--model_base_path", help="directory holding the model's numeric version directories")
-    parser.add_argument(
-        "--file_system_poll_wait_seconds",
-        type=float,
-        default=1.0,
-        help="seconds between looks for new/removed versions; 0 looks only at start and reload (default %(default)s)",
-    )
+    add = parser.add_argument
+    add("--port", type=int, default=DEFAULT_GRPC_PORT, help="gRPC port; 0 disables TCP gRPC (default %(default)s)")
+    add("--grpc_socket_path", default="", help="also serve gRPC on this Unix socket path")
+    add("--rest_api_port", type=int, default=DEFAULT_REST_PORT, help="REST port; 0 disables REST (default %(default)s)")
+    add("--rest_api_num_threads", type=int, default=FrontEndOptions.rest_threads, help="REST requests worked on at once")
+    add("--rest_api_timeout_in_ms", type=_positive_seconds_ms, default=30.0, dest="rest_timeout",
+        help="timeout of a REST call: reading the request and answering it (default 30000)")
+    add("--rest_api_enable_cors_support", type=_flag_bool, nargs="?", const=True, default=False, help="send CORS headers")
+    add("--rest_api_max_body_bytes", type=int, default=FrontEndOptions.rest_max_body_bytes,
+        help="MaaS: REST bodies larger than this get 413 before they are read (default %(default)s)")
+    add("--host", default="127.0.0.1", help="MaaS: address to listen on (default %(default)s; 0.0.0.0 for all)")
+    add("--model_config_file", help="text-format ModelServerConfig; overrides --model_name/--model_base_path")
+    add("--model_config_file_poll_wait_seconds", type=float, default=0.0,
+        help="seconds between re-reads of --model_config_file; 0 reads it only at start (default)")
+    add("--model_name", default=DEFAULT_MODEL_NAME, help="model name (default %(default)s)")
+    add("--model_base_path", help="directory (or file:// URI) holding the model's numeric version directories")
+    add("--file_system_poll_wait_seconds", type=float, default=1.0,
+        help="seconds between looks for new/removed versions; 0 looks only at start and reload (default %(default)s)")
+    add("--enable_batching", type=_flag_bool, nargs="?", const=True, default=False, help="batch concurrent requests")
+    add("--batching_parameters_file", help="text-format BatchingParameters (implies nothing unless --enable_batching)")
+    add("--monitoring_config_file", help="text-format MonitoringConfig; prometheus_config enables /monitoring/... metrics")
+    add("--saved_model_tags", default="serve", help="comma-separated MetaGraphDef tags to load (default %(default)s)")
+    add("--tensorflow_intra_op_parallelism", type=int, default=0, help="threads within an op; 0 picks")
+    add("--tensorflow_inter_op_parallelism", type=int, default=0, help="ops run at once; 0 picks")
+    add("--tensorflow_session_parallelism", type=int, default=0, help="sets both parallelism values when above 0")
+    add("--enable_model_warmup", type=_flag_bool, nargs="?", const=True, default=True, help="replay warm-up requests")
+    add("--num_request_iterations_for_warmup", type=int, default=1, help="times each warm-up request runs")
+    add("--grpc_channel_arguments", default="", help="comma-separated key=value gRPC server arguments")
+    add("--grpc_max_threads", type=int, default=FrontEndOptions.grpc_max_threads, help="gRPC server threads")
+    add("--enable_signature_method_name_check", type=_flag_bool, nargs="?", const=True, default=False,
+        help="require classify/regress method names on the signatures those APIs run")
+    # Accepted for compatibility; the embedded server has nothing they would change.
+    for flag in ("num_load_threads", "num_unload_threads", "max_num_load_retries", "load_retry_interval_micros"):
+        add(f"--{flag}", type=int, default=None, help=argparse.SUPPRESS)
+    for flag in ("flush_filesystem_caches", "allow_version_labels_for_unavailable_models", "enable_grpc_healthcheck_service"):
+        add(f"--{flag}", type=_flag_bool, nargs="?", const=True, default=None, help=argparse.SUPPRESS)
+    add("--version", action="version", version="MaaS embedded model server (TF Serving API 2.x)")
     return parser
+
+
+def _flag_bool(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes"):
+        return True
+    if lowered in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 def config_from_args(args: argparse.Namespace) -> ModelServerConfig:
@@ -685,25 +694,78 @@ def config_from_args(args: argparse.Namespace) -> ModelServerConfig:
             "Both --model_base_path and --model_config_file are empty: give --model_base_path DIR "
             "(holding numeric version directories) or --model_config_file FILE"
         )
-    return single_model_config(args.model_name, Path(args.model_base_path).expanduser().resolve())
+    base = args.model_base_path
+    if base.startswith(_FILE_SCHEME) or "://" in base:
+        return single_model_config(args.model_name, base)
+    return single_model_config(args.model_name, Path(base).expanduser().resolve())
+
+
+def server_from_args(args: argparse.Namespace) -> ModelServer:
+    """The :class:`ModelServer` the command line describes.
+
+    Raises:
+        ModelConfigError / ConfigFileError / ValueError: a flag or a file it names is unusable.
+    """
+    from serving.batching import read_batching_parameters
+    from serving.metrics import read_monitoring_config
+
+    config = config_from_args(args)
+    batching = read_batching_parameters(Path(args.batching_parameters_file) if args.batching_parameters_file else None)
+    if args.batching_parameters_file and not args.enable_batching:
+        log.warning("--batching_parameters_file is set but --enable_batching is not: batching stays off")
+    intra = args.tensorflow_session_parallelism or args.tensorflow_intra_op_parallelism
+    inter = args.tensorflow_session_parallelism or args.tensorflow_inter_op_parallelism
+    tags = tuple(t.strip() for t in args.saved_model_tags.split(",") if t.strip())
+    if min(args.rest_api_num_threads, args.grpc_max_threads, args.rest_api_max_body_bytes) < 1:
+        raise ValueError("--rest_api_num_threads, --grpc_max_threads and --rest_api_max_body_bytes must be at least 1")
+    front_end = FrontEndOptions(
+        rest_timeout_seconds=args.rest_timeout,
+        rest_threads=args.rest_api_num_threads,
+        rest_max_body_bytes=args.rest_api_max_body_bytes,
+        rest_cors=args.rest_api_enable_cors_support,
+        grpc_max_threads=args.grpc_max_threads,
+        grpc_socket_path=args.grpc_socket_path,
+        grpc_channel_arguments=parse_channel_arguments(args.grpc_channel_arguments),
+    )
+    if args.enable_signature_method_name_check:
+        from serving import inference
+
+        inference.method_name_check = True
+    return ModelServer(
+        config,
+        host=args.host,
+        grpc_port=args.port or None,
+        rest_port=args.rest_api_port or None,
+        poll_wait_seconds=args.file_system_poll_wait_seconds,
+        config_file=Path(args.model_config_file) if args.model_config_file else None,
+        config_poll_seconds=args.model_config_file_poll_wait_seconds,
+        batching=batching if args.enable_batching else None,
+        metrics_path=read_monitoring_config(Path(args.monitoring_config_file) if args.monitoring_config_file else None),
+        load_options=LoadOptions(
+            tags=tags or ("serve",),
+            intra_op_threads=intra,
+            inter_op_threads=inter,
+            warmup=args.enable_model_warmup,
+            warmup_iterations=args.num_request_iterations_for_warmup,
+        ),
+        front_end=front_end,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the model server until SIGTERM or SIGINT; returns the process exit status."""
+    from serving.config_protos import ConfigFileError
+
     args = build_arg_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = config_from_args(args)
-    except ModelConfigError as exc:
+        server = server_from_args(args)
+    except (ModelConfigError, ConfigFileError, ValueError) as exc:
         log.error("%s", exc)
         return 2
-    server = ModelServer(
-        config,
-        host=args.host,
-        grpc_port=args.port,
-        rest_port=args.rest_api_port or None,
-        poll_wait_seconds=args.file_system_poll_wait_seconds,
-    )
+    if server.grpc_port is None and not server.front_end.grpc_socket_path and server.rest_port is None:
+        log.error("Nothing to serve on: --port, --grpc_socket_path and --rest_api_port are all off")
+        return 2
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda received, _frame: stop.set())

@@ -127,7 +127,11 @@ def test_rest_predict_inputs_columns_and_b64(server):
         ("/v1/models/sentiment:predict", {"instances": ["x"], "inputs": ["x"]}, 400, "only one of 'inputs' or 'instances'"),
         ("/v1/models/sentiment:predict", {"instances": ["x"], "signature_name": "nope"}, 400, '"nope" not found'),
         ("/v1/models/sentiment/labels/beta:predict", {"instances": ["x"]}, 400, "Unrecognized servable version label: beta"),
-        ("/v1/models/sentiment:classify", {"examples": []}, 501, "not implemented"),
+        ("/v1/models/sentiment:classify", {"examples": []}, 400, "'examples' value is an empty array"),
+        ("/v1/models/sentiment:classify", {"examples": [{"text": "good"}]}, 400, "Expected one or two output Tensors, found 3"),
+        ("/v1/models/sentiment/versions/99999999999999999999", None, 400, "Failed to convert version"),
+        ("/v1/models/sentiment:predict", "{oops", 400, "JSON Parse error: Missing a name for object member."),
+        ("/v1/models/sentiment:predict", "nope", 400, "JSON Parse error: Invalid value."),
         ("/v1/nothing", None, 400, "Malformed request: GET /v1/nothing"),
     ],
 )
@@ -187,14 +191,23 @@ def test_grpc_predict_errors(server, spec, code, message):
     assert info.value.code() == code and message in info.value.details()
 
 
-def test_grpc_unimplemented_rpcs(server):
+def test_grpc_model_metadata_lists_the_signatures(server):
     from tensorflow_serving.apis import get_model_metadata_pb2, prediction_service_pb2_grpc
 
+    request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    request.model_spec.name = "sentiment"
+    request.model_spec.version_label = "stable"
     with grpc.insecure_channel(server.grpc_target) as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        response = stub.GetModelMetadata(request, timeout=10)
         with pytest.raises(grpc.RpcError) as info:
             stub.GetModelMetadata(get_model_metadata_pb2.GetModelMetadataRequest(), timeout=10)
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    signatures = get_model_metadata_pb2.SignatureDefMap()
+    response.metadata["signature_def"].Unpack(signatures)
+    assert response.model_spec.version.value == 1
+    assert set(signatures.signature_def["serving_default"].outputs) == {"scores", "classes", "label"}
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at least one metadata_field" in info.value.details()
 
 
 def test_clients_agree_and_report_versions(server):

@@ -117,8 +117,11 @@ def test_an_abandoned_canary_is_freed_when_its_lease_runs_out(node, published, r
     report = reconcile_node(node, registry, published.store)
     assert registry.serving_target("sentiment").canary is None and "canary" not in report["models"]["sentiment"]
     assert [e.kind for e in registry.list_events(model_name="sentiment", version=v2)][-1] == "canary_expired"
-    with pytest.raises(ServingClientError, match="NOT_FOUND"):  # the canary model is gone from the server
-        get_model_status_grpc(canary_model_name("sentiment"), target=node.grpc_target)
+    # The canary model is gone from the server: as in TF Serving, its versions are reported in END.
+    rows = get_model_status_grpc(canary_model_name("sentiment"), target=node.grpc_target)
+    assert {row["state"] for row in rows} == {"END"}
+    with pytest.raises(ServingClientError, match="NOT_FOUND"):
+        predict_grpc(["good"], model=canary_model_name("sentiment"), target=node.grpc_target)
     assert_registry_invariants(registry)
 
 
