@@ -42,7 +42,7 @@ def parse_model_config(text: str, source: str = "<string>") -> ModelServerConfig
         text_format.Parse(text, config)
     except text_format.ParseError as exc:
         raise ModelConfigError(
-            f"{source} is not a valid TF Serving model config (text-format ModelServerConfig): {exc}"
+            f"Error parsing text-format tensorflow.serving.ModelServerConfig from {source}: {exc}"
         ) from None
     return config
 

@@ -81,8 +81,8 @@ def start_server() -> Iterator[Callable]:
 
     servers = []
 
-    def start(config, poll_wait_seconds: float = 0.0) -> ModelServer:
-        server = ModelServer(config, grpc_port=0, rest_port=0, poll_wait_seconds=poll_wait_seconds)
+    def start(config, poll_wait_seconds: float = 0.0, **options) -> ModelServer:
+        server = ModelServer(config, grpc_port=0, rest_port=0, poll_wait_seconds=poll_wait_seconds, **options)
         server.start()
         servers.append(server)
         return server
