@@ -273,10 +273,11 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
     from serving import client
 
     model = args.model or settings.model_name
+    call = {"model": model, "version": args.version, "timeout": args.timeout, "retries": args.retries}
     if args.grpc:
-        results = client.predict_grpc(args.text, model=model, target=settings.grpc_target, version=args.version)
+        results = client.predict_grpc(args.text, target=settings.grpc_target, **call)
     else:
-        results = client.predict_rest(args.text, model=model, rest_url=settings.rest_url, version=args.version)
+        results = client.predict_rest(args.text, rest_url=settings.rest_url, **call)
     api = "gRPC" if args.grpc else "REST"
     if args.json:
         print(json.dumps(results, indent=2, default=str))
@@ -414,6 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model name (default: MAAS_MODEL_NAME or sentiment)")
     p.add_argument("--version", type=int, help="a specific loaded version (default: the served one)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each answer (default 10)")
+    p.add_argument(
+        "--retries", type=int, default=3, help="tries again on UNAVAILABLE/RESOURCE_EXHAUSTED or no answer (default 3)"
+    )
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("models", help="list model versions, the desired serving state and what each node serves")

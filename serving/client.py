@@ -10,15 +10,25 @@ which they import) are loaded only when a gRPC function is called, so REST calle
 from __future__ import annotations
 
 import json
+import random
+import time
 import urllib.error
 import urllib.request
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from maas_tasks.tf_runtime import import_tensorflow
 from serving.model_config import ModelServerConfig
 
+T = TypeVar("T")
+
 DEFAULT_TIMEOUT = 10.0
+DEFAULT_RETRIES = 3
+# Codes worth another try: the server is starting, restarting or shedding load (TF Serving's full
+# batch queue answers UNAVAILABLE). Anything else is the request's fault or needs a human.
+TRANSIENT_CODES = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
+_BACKOFF_SECONDS = 0.2
 
 _CODE_BY_HTTP_STATUS = {
     400: "INVALID_ARGUMENT",
@@ -63,6 +73,24 @@ class ServerUnreachable(ServingClientError):
         self.code = "UNAVAILABLE"
         self.message = reason
         self.address = address
+
+
+def with_retries(call: Callable[[], T], retries: int = DEFAULT_RETRIES, backoff: float = _BACKOFF_SECONDS) -> T:
+    """Run ``call``, trying again up to ``retries`` times on a transient failure (server unreachable,
+    UNAVAILABLE, RESOURCE_EXHAUSTED) with exponential backoff and jitter; other errors raise at once.
+
+    Raises:
+        ServingClientError: the last attempt's error.
+    """
+    attempt = 0
+    while True:
+        try:
+            return call()
+        except ServingClientError as exc:
+            if exc.code not in TRANSIENT_CODES or attempt >= retries:
+                raise
+        attempt += 1
+        time.sleep(backoff * 2 ** (attempt - 1) * (0.5 + random.random()))
 
 
 def _model_path(model: str, version: int | None = None, label: str | None = None) -> str:
@@ -117,6 +145,7 @@ def predict_rest(
     rest_url: str,
     version: int | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    retries: int = DEFAULT_RETRIES,
 ) -> list[dict]:
     """Predict over REST (``POST /v1/models/{model}[/versions/{v}]:predict``, row format).
 
@@ -133,12 +162,15 @@ def predict_rest(
     """
     texts = list(texts)
     url = rest_url.rstrip("/")
-    answer = _http_json("POST", f"{url}{_model_path(model, version)}:predict", {"instances": texts}, timeout)
+    answer = with_retries(
+        lambda: _http_json("POST", f"{url}{_model_path(model, version)}:predict", {"instances": texts}, timeout), retries
+    )
     predictions = answer.get("predictions")
     if not isinstance(predictions, list) or len(predictions) != len(texts):
         raise ServingClientError("INTERNAL", f"unexpected predict response: {json.dumps(answer)[:300]}", url)
     if version is None:
-        available = [s["version"] for s in get_model_status_rest(model, rest_url=rest_url, timeout=timeout) if s["state"] == "AVAILABLE"]
+        statuses = get_model_status_rest(model, rest_url=rest_url, timeout=timeout, retries=retries)
+        available = [s["version"] for s in statuses if s["state"] == "AVAILABLE"]
         version = max(available) if available else None
     return _rows(
         texts,
@@ -162,7 +194,12 @@ def _status_rows(statuses: list[dict]) -> list[dict]:
 
 
 def get_model_status_rest(
-    model: str, *, rest_url: str, version: int | None = None, timeout: float = DEFAULT_TIMEOUT
+    model: str,
+    *,
+    rest_url: str,
+    version: int | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    retries: int = DEFAULT_RETRIES,
 ) -> list[dict]:
     """Status of a model's versions over REST.
 
@@ -173,7 +210,7 @@ def get_model_status_rest(
         ServingClientError: e.g. NOT_FOUND for an unknown model. ServerUnreachable: no server there.
     """
     url = rest_url.rstrip("/") + _model_path(model, version)
-    return _status_rows(_http_json("GET", url, None, timeout).get("model_version_status", []))
+    return _status_rows(with_retries(lambda: _http_json("GET", url, None, timeout), retries).get("model_version_status", []))
 
 
 def _grpc_call(target: str, what: str, call, timeout: float):
@@ -198,6 +235,7 @@ def predict_grpc(
     target: str,
     version: int | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    retries: int = DEFAULT_RETRIES,
 ) -> list[dict]:
     """Predict over gRPC (``PredictionService/Predict``, signature ``serving_default``).
 
@@ -223,7 +261,9 @@ def predict_grpc(
     request.inputs["text"].CopyFrom(tf.make_tensor_proto([t.encode("utf-8") for t in texts], dtype=tf.string, shape=[len(texts)]))
     with grpc.insecure_channel(target) as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-        response = _grpc_call(target, "Predict", lambda: stub.Predict(request, timeout=timeout), timeout)
+        response = with_retries(
+            lambda: _grpc_call(target, "Predict", lambda: stub.Predict(request, timeout=timeout), timeout), retries
+        )
     try:
         scores = tf.make_ndarray(response.outputs["scores"]).tolist()
         classes = [[c.decode("utf-8") for c in row] for row in tf.make_ndarray(response.outputs["classes"])]
