@@ -46,6 +46,7 @@ class Settings:
     rest_port: int
     serving_dir: Path
     serving_config: Path
+    serving_batching: str
     airflow_port: int
     device: str
     node_id: str | None = "local"
@@ -115,6 +116,21 @@ def check_model_name(name: str, source: str = "model name") -> str:
     return name
 
 
+def _batching_setting(env: dict[str, str]) -> str:
+    raw = (env.get("MAAS_SERVING_BATCHING") or "").strip()
+    if not raw:
+        return str(Path(__file__).resolve().parent.parent / "serving" / "config" / "batching_parameters.config")
+    if raw.lower() == "off":
+        return "off"
+    path = Path(raw).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(
+            f"MAAS_SERVING_BATCHING={raw!r} is not a file; give a text-format TF Serving BatchingParameters "
+            "file, or off to serve without batching"
+        )
+    return str(path)
+
+
 def _str_setting(env: dict[str, str], name: str) -> str | None:
     value = env.get(name, "").strip()
     return value or None
@@ -153,6 +169,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         rest_port=_int_setting(env, "MAAS_REST_PORT", DEFAULT_REST_PORT),
         serving_dir=serving_dir,
         serving_config=serving_config,
+        serving_batching=_batching_setting(env),
         airflow_port=_int_setting(env, "MAAS_AIRFLOW_PORT", DEFAULT_AIRFLOW_PORT),
         device=device,
         # The serving node this machine manages (its agent reconciles it); empty: none (e.g. an Airflow

@@ -27,6 +27,7 @@ SERVER_NAME = "model-server"
 SYNC_NAME = "serving-sync"
 AIRFLOW_NAME = "airflow"
 _START_TIMEOUT = 120.0
+_SERVING_CONFIG_DIR = Path(__file__).resolve().parent.parent / "serving" / "config"  # TF Serving flag files
 
 
 class StackError(RuntimeError):
@@ -246,7 +247,10 @@ def start_model_server(settings: Settings, base_env: dict[str, str] | None = Non
         f"--port={settings.grpc_port}",
         f"--rest_api_port={settings.rest_port}",
         f"--model_config_file={settings.serving_config}",
+        f"--monitoring_config_file={_SERVING_CONFIG_DIR / 'monitoring.config'}",
     ]
+    if settings.serving_batching != "off":
+        argv += ["--enable_batching=true", f"--batching_parameters_file={settings.serving_batching}"]
     status = process_status(settings, SERVER_NAME)
     if not status.running:
         for port in (settings.grpc_port, settings.rest_port):
