@@ -133,6 +133,9 @@ def create_grpc_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=options.grpc_max_threads, thread_name_prefix="model-server-grpc"),
         options=list(server_options.items()),
+        # Beyond this many RPCs in progress or queued, gRPC answers RESOURCE_EXHAUSTED at once instead
+        # of queueing without bound.
+        maximum_concurrent_rpcs=options.rest_max_pending,
     )
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(manager, metrics), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(manager, metrics), server)

@@ -433,7 +433,7 @@ class FrontEndOptions:
     rest_threads: int = 64  # --rest_api_num_threads: requests worked on at once (the rest wait, queued)
     rest_max_body_bytes: int = 64 * 1024 * 1024  # larger bodies get 413 before they are read
     rest_idle_seconds: float = 60.0  # a kept-alive connection with no request is closed after this
-    rest_max_pending: int = 4096  # requests queued beyond this get 503 (UNAVAILABLE), not a reset
+    rest_max_pending: int = 4096  # requests queued beyond this get 503 (UNAVAILABLE), not a reset; gRPC alike
     rest_backlog: int = 4096  # the listen backlog: bursts of new connections wait instead of being refused
     rest_cors: bool = False  # --rest_api_enable_cors_support
     grpc_max_threads: int = 128  # --grpc_max_threads: an RPC blocked in a batch holds one
