@@ -8,7 +8,8 @@ them once the queue is full or the oldest request has waited ``batch_timeout_mic
 a thread is free, so a lone request is not delayed), concatenates the inputs along dimension 0, runs
 the session once and hands each request its slice of the outputs.
 
-Limits behave as in TF Serving: a request larger than ``max_batch_size`` is refused unless
+Requests without a common batch dimension (scalar inputs, inputs of different lengths) run alone,
+where TF Serving's batching session refuses them. Limits behave as in TF Serving: a request larger than ``max_batch_size`` is refused unless
 ``enable_large_batch_splitting`` is set (it is then split), and a queue holding
 ``max_enqueued_batches`` batches refuses more work with UNAVAILABLE, which clients may retry.
 """
@@ -146,10 +147,10 @@ class BatchScheduler:
                 own error.
         """
         sizes = {alias: (value.shape[0] if value.ndim else None) for alias, value in inputs.items()}
-        if not inputs or None in sizes.values():
-            raise invalid_argument("Batching Run() input tensors must have at least one dimension")
-        if len(set(sizes.values())) != 1:
-            raise invalid_argument(f"Batching Run() input tensors must have equal 0th-dimension size, got {sizes}")
+        if not inputs or None in sizes.values() or len(set(sizes.values())) != 1:
+            # Scalars, or inputs of different lengths, have no batch dimension to concatenate along.
+            # TF Serving's batching session refuses them; running them alone serves them instead.
+            return signature.run_session(inputs, aliases)
         size = next(iter(sizes.values()))
         limit = self.options.execution_batch_size
         if size <= limit:

@@ -99,6 +99,12 @@ class ModelService(_Servicer, model_service_pb2_grpc.ModelServiceServicer):
 
     def HandleReloadConfigRequest(self, request, context):  # noqa: N802
         def reload(request):
+            if request.config.WhichOneof("config") != "model_config_list":
+                raise ServingError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "ServerModelConfig type not supported by HandleReloadConfigRequest. "
+                    "Only ModelConfigList is currently supported",
+                )
             self._manager.reload_config(request.config)
             response = model_management_pb2.ReloadConfigResponse()
             response.status.error_message = ""

@@ -66,10 +66,17 @@ def servable_for(manager: ModelManager, model_spec: model_pb2.ModelSpec) -> Serv
     """The loaded version a request's ModelSpec names.
 
     Raises:
-        ServingError: NOT_FOUND / INVALID_ARGUMENT from :meth:`ModelManager.get_servable`.
+        ServingError: INVALID_ARGUMENT "Missing ModelSpec" for a request without one; NOT_FOUND /
+            INVALID_ARGUMENT from :meth:`ModelManager.get_servable`.
     """
+    if model_spec is None:
+        raise invalid_argument("Missing ModelSpec")
     version, label = version_choice(model_spec)
     return manager.get_servable(model_spec.name, version, label)
+
+
+def _spec(request) -> model_pb2.ModelSpec | None:
+    return request.model_spec if request.HasField("model_spec") else None
 
 
 def _fill_model_spec(target: model_pb2.ModelSpec, name: str, version: int, signature: str) -> None:
@@ -83,7 +90,7 @@ def _fill_model_spec(target: model_pb2.ModelSpec, name: str, version: int, signa
 
 def predict(manager: ModelManager, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
     """Answer a PredictRequest; the response's model_spec names the version that answered."""
-    return predict_with(servable_for(manager, request.model_spec), request)
+    return predict_with(servable_for(manager, _spec(request)), request)
 
 
 def predict_with(servable: Servable, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
@@ -160,7 +167,7 @@ def classify(
     manager: ModelManager, request: classification_pb2.ClassificationRequest
 ) -> classification_pb2.ClassificationResponse:
     """Answer a ClassificationRequest."""
-    return classify_with(servable_for(manager, request.model_spec), request)
+    return classify_with(servable_for(manager, _spec(request)), request)
 
 
 def classify_with(
@@ -242,7 +249,7 @@ def fill_classification_result(
 
 def regress(manager: ModelManager, request: regression_pb2.RegressionRequest) -> regression_pb2.RegressionResponse:
     """Answer a RegressionRequest."""
-    return regress_with(servable_for(manager, request.model_spec), request)
+    return regress_with(servable_for(manager, _spec(request)), request)
 
 
 def regress_with(servable: Servable, request: regression_pb2.RegressionRequest) -> regression_pb2.RegressionResponse:
@@ -324,7 +331,7 @@ def multi_inference_with(
         if signature_name not in servable.signatures:
             raise invalid_argument(f"Requested signature not found in model graph: {signature_name}")
         if task.method_name not in (CLASSIFY_METHOD, REGRESS_METHOD):
-            raise invalid_argument(f"Unsupported signature method_name: {task.method_name}")
+            raise ServingError(grpc.StatusCode.UNIMPLEMENTED, f"Unsupported signature method_name: {task.method_name}")
     examples = examples_tensor(request.input)
     response = inference_pb2.MultiInferenceResponse()
     for task in request.tasks:
@@ -361,7 +368,7 @@ def get_model_metadata(
             raise invalid_argument(f"Metadata field {field_name} is not supported")
     if not request.HasField("model_spec"):
         raise invalid_argument("Missing ModelSpec")
-    servable = servable_for(manager, request.model_spec)
+    servable = servable_for(manager, _spec(request))
     response = get_model_metadata_pb2.GetModelMetadataResponse()
     response.model_spec.name = request.model_spec.name
     response.model_spec.version.value = servable.version

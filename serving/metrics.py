@@ -1,16 +1,19 @@
 """Prometheus metrics of the model server (``--monitoring_config_file``), with ``prometheus-client``.
 
 TF Serving exports its metrics at the path a ``MonitoringConfig``'s ``prometheus_config`` names, on
-the REST port. So does the embedded server: request counts and latency histograms per model,
-version, API (Predict, Classify, ...) and entrypoint (GRPC or REST) with the status code, the sizes
-of the batches the scheduler ran, and each version's load state, read from the model manager at
-scrape time. The names follow TF Serving's ``:tensorflow:serving:*`` family; latency is in
-microseconds as there. Each server has its own registry, so several servers in one process (tests)
-do not mix their counts.
+the REST port. So does the embedded server, with TF Serving's own families, so dashboards built for
+one work on the other: ``:tensorflow:serving:request_count{model_name,status}`` and
+``:tensorflow:serving:request_latency{model_name,API,entrypoint}`` (microseconds). MaaS adds what
+those leave out: ``maas_serving_requests_total`` and ``maas_serving_request_duration_seconds`` per
+model, version, API (Predict, Classify, ...), entrypoint (GRPC or REST) and status, the sizes of the
+batches the scheduler ran, and each version's load state, read from the model manager at scrape
+time. Each server has its own registry, so several servers in one process (tests) do not mix counts.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import Counter as Tally
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -61,17 +64,28 @@ class ServerMetrics:
 
     def __init__(self, read_states: Callable[[], list[tuple[str, int, str]]]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # prometheus-client names every counter *_total; TF Serving's counter has no suffix, so it is
+        # kept here and written out by exposition().
+        self._tf_counts: Tally[tuple[str, str]] = Tally()
+        self._tf_lock = threading.Lock()
+        self._tf_latency = Histogram(
+            ":tensorflow:serving:request_latency",
+            "Distribution of wall time (in microseconds) for Tensorflow Serving request.",
+            ["model_name", "API", "entrypoint"],
+            buckets=_LATENCY_BUCKETS_US,
+            registry=self.registry,
+        )
         self._requests = Counter(
-            ":tensorflow:serving:request_count",
+            "maas_serving_requests",
             "Requests answered, by model, version, API, entrypoint and status",
             ["model_name", "model_version", "API", "entrypoint", "status"],
             registry=self.registry,
         )
         self._latency = Histogram(
-            ":tensorflow:serving:request_latency",
-            "Request latency in microseconds, by model, version, API and entrypoint",
+            "maas_serving_request_duration_seconds",
+            "Request latency in seconds, by model, version, API and entrypoint",
             ["model_name", "model_version", "API", "entrypoint"],
-            buckets=_LATENCY_BUCKETS_US,
+            buckets=tuple(b / 1e6 for b in _LATENCY_BUCKETS_US),
             registry=self.registry,
         )
         self._batches = Histogram(
@@ -89,7 +103,11 @@ class ServerMetrics:
         """Count one answered request and its latency (``version`` None: none was resolved)."""
         version_label = "" if version is None else str(version)
         self._requests.labels(model, version_label, api, entrypoint, status).inc()
-        self._latency.labels(model, version_label, api, entrypoint).observe(seconds * 1e6)
+        self._latency.labels(model, version_label, api, entrypoint).observe(seconds)
+        if api in _TF_SERVING_COUNTED:
+            with self._tf_lock:
+                self._tf_counts[(model, status)] += 1
+            self._tf_latency.labels(model, api, entrypoint).observe(seconds * 1e6)
 
     def observe_batch(self, signature, rows: int) -> None:
         """Record a batch the scheduler ran (``signature``: a :class:`serving.servable.Signature`)."""
@@ -97,4 +115,22 @@ class ServerMetrics:
 
     def exposition(self) -> bytes:
         """The Prometheus text exposition of every metric."""
-        return generate_latest(self.registry)
+        with self._tf_lock:
+            counts = sorted(self._tf_counts.items())
+        lines = [
+            "# HELP :tensorflow:serving:request_count The total number of requests.",
+            "# TYPE :tensorflow:serving:request_count counter",
+        ]
+        lines += [
+            f':tensorflow:serving:request_count{{model_name="{_escape(m)}",status="{_escape(st)}"}} {n}'
+            for (m, st), n in counts
+        ]
+        return ("\n".join(lines) + "\n").encode("utf-8") + generate_latest(self.registry)
+
+
+# The APIs TF Serving counts in request_count (inference calls, not status or reload calls).
+_TF_SERVING_COUNTED = frozenset({"Predict", "Classify", "Regress", "MultiInference"})
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

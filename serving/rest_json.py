@@ -109,7 +109,8 @@ def _to_array(value: Any, dtype: tf.DType, where: str) -> np.ndarray:
         return array
     _check_numbers(value, dtype)
     try:
-        return np.asarray(value, dtype=dtype.as_numpy_dtype)
+        with np.errstate(over="ignore"):  # a float beyond float32 becomes inf, as TF Serving's GetFloat makes it
+            return np.asarray(value, dtype=dtype.as_numpy_dtype)
     except (TypeError, ValueError, OverflowError) as exc:
         raise _invalid(f"{where}: the values cannot form a {dtype.name} tensor ({exc})") from None
 
@@ -132,29 +133,64 @@ def _check_numbers(value: Any, dtype: tf.DType) -> None:
             raise _invalid(f"JSON Value: {_debug_json(item)} Type: Number is not of expected type: {dtype.name}")
 
 
+def _is_element_object(value: Any) -> bool:
+    return isinstance(value, dict) and not _is_b64(value)
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
 def _rows_to_inputs(instances: list, signature: Signature) -> dict[str, np.ndarray]:
+    """TF Serving's row format: each element is one row of every input; rows must agree in shape."""
     names = signature.input_names
-    columns: dict[str, list] = {name: [] for name in names}
-    for index, item in enumerate(instances):
-        if isinstance(item, dict) and not _is_b64(item):
-            if set(item) != set(names):
+    objects = _is_element_object(instances[0])
+    if not objects and len(names) > 1:
+        raise _invalid(
+            "instances is a plain list, but expecting list of objects as multiple input tensors "
+            "required as per tensorinfo_map"
+        )
+    if not objects and signature.input_dtype(names[0]) == tf.string and all(isinstance(x, str) for x in instances):
+        # The common case (a list of texts) in one step.
+        return {names[0]: np.array([x.encode("utf-8", "surrogatepass") for x in instances], dtype=object)}
+    rows: dict[str, list[np.ndarray]] = {name: [] for name in names}
+
+    def add(name: str, value: Any) -> None:
+        if name not in rows:
+            raise _invalid(f"JSON object: does not have named input: {name}")
+        array = _to_array(value, signature.input_dtype(name), f"input {name!r}")
+        if rows[name]:
+            first = rows[name][0]
+            if first.size != array.size:
+                raise _invalid(f"Expecting tensor size: {first.size} but got: {array.size}")
+            if first.shape != array.shape:
+                raise _invalid(f"Expecting shape {_shape_text(first.shape)} but got: {_shape_text(array.shape)}")
+        rows[name].append(array)
+
+    for index, element in enumerate(instances):
+        if objects:
+            if not _is_element_object(element):
+                raise _invalid(f"Expecting object but got list at item {index} of input list")
+            for key, value in element.items():
+                try:
+                    add(key, value)
+                except ServingError as exc:
+                    raise _invalid(
+                        f"Failed to process element: {index} key: {key} of 'instances' list. Error: {exc}"
+                    ) from None
+            if set(element) != set(names):
                 raise _invalid(
-                    f"Failed to process element: {index} of 'instances' list. JSON object: {_debug_json(item)} "
+                    f"Failed to process element: {index} of 'instances' list. JSON object: {_debug_json(element)} "
                     f"keys must be equal to: {','.join(names)}"
                 )
-            for name in names:
-                columns[name].append(item[name])
-        elif len(names) == 1:
-            columns[names[0]].append(item)
         else:
-            raise _invalid(
-                "instances is a plain list, but expecting list of objects as multiple input tensors "
-                "required as per tensorinfo_map"
-            )
-    return {
-        name: _to_array(values, signature.input_dtype(name), f"'instances' values for input {name!r}")
-        for name, values in columns.items()
-    }
+            if _is_element_object(element):
+                raise _invalid(f"Expecting value/list but got object at item {index} of input list")
+            try:
+                add(names[0], element)
+            except ServingError as exc:
+                raise _invalid(f"Failed to process element: {index} of 'instances' list. Error: {exc}") from None
+    return {name: np.stack(arrays) for name, arrays in rows.items()}
 
 
 def _columns_to_inputs(inputs: Any, signature: Signature) -> dict[str, np.ndarray]:

@@ -168,6 +168,12 @@ class Signature:
         expected = set(self.definition.inputs)
         if sent == expected or (sent < expected and expected - sent <= set(self.defaults)):
             return
+        if len(sent) == len(expected):
+            # TF Serving's size check passes; TensorFlow's GetInputValues then names the first missing alias.
+            alias = sorted(expected - sent)[0]
+            raise invalid_argument(
+                f"Signature input alias: {alias}(feed name: {self.definition.inputs[alias].name}) not found in request"
+            )
         raise invalid_argument(
             f"input size does not match signature: {len(sent)}!={len(expected)} "
             f"len({{{','.join(sorted(sent))}}}) != len({{{','.join(sorted(expected))}}}). "

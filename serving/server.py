@@ -180,6 +180,7 @@ class ModelManager:
                 FAILED_PRECONDITION when a version label names a version that is not available;
                 UNKNOWN when a model new to the server has no available version.
         """
+        self._check_platforms(config)  # before the other checks, as TF Serving orders them
         _validate_config(config)
         if config.WhichOneof("config") is None:
             log.info("Taking no action for empty config.")
@@ -210,6 +211,20 @@ class ModelManager:
                 self._reconcile_model(name)
             self._apply_labels(entries)
         self._check_available(new_models)
+
+    def _check_platforms(self, config: ModelServerConfig) -> None:
+        with self._lock:
+            for entry in config.model_config_list.config:
+                model = self._models.get(entry.name)
+                if model is None or model.removed:
+                    continue
+                old, new = model.config.model_platform or TENSORFLOW_PLATFORM, entry.model_platform or TENSORFLOW_PLATFORM
+                if old != new:
+                    raise ServingError(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"Illegal to change a model's platform. For model {entry.name} platform was {old} and new "
+                        f"platform requested is {new}",
+                    )
 
     def poll_once(self) -> None:
         """Look at every model's base path once and load/unload versions to match."""

@@ -23,7 +23,8 @@ _PLUGINS = str(Path(__file__).resolve().parents[1] / "plugins")
 os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = _PLUGINS
 sys.path.append(_PLUGINS)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-for _name in [k for k in os.environ if k.startswith("MAAS_") and k != "MAAS_HOME"]:
+# MAAS_CONFORMANCE_* point the conformance suite at another server (tests/serving/conformance): kept.
+for _name in [k for k in os.environ if k.startswith("MAAS_") and k != "MAAS_HOME" and not k.startswith("MAAS_CONFORMANCE_")]:
     del os.environ[_name]
 
 

@@ -34,7 +34,7 @@ class DoublingSignature:
         if self.hold is not None:
             self.hold.wait(10)
         time.sleep(self.delay)
-        self.runs.append(len(inputs["x"]))
+        self.runs.append(np.shape(inputs["x"])[0] if np.ndim(inputs["x"]) else 1)
         if self.scalar_output:
             return {"y": np.float32(1.0)}
         return {"y": inputs["x"] * 2}
@@ -146,13 +146,16 @@ def test_batches_are_padded_to_an_allowed_size(scheduler_factory):
     assert signature.runs == [4]
 
 
-def test_inputs_that_cannot_be_batched_are_refused(scheduler_factory):
+def test_inputs_without_a_batch_dimension_run_alone(scheduler_factory):
     scheduler = scheduler_factory(max_batch_size=8)
     signature = DoublingSignature()
-    with pytest.raises(ServingError, match="at least one dimension"):
-        scheduler(signature, {"x": np.float32(1.0)}, ["y"])
-    with pytest.raises(ServingError, match="equal 0th-dimension size"):
-        scheduler(signature, {"x": np.zeros(2, np.float32), "z": np.zeros(3, np.float32)}, ["y"])
+    assert scheduler(signature, {"x": np.float32(1.5)}, ["y"])["y"] == 3.0
+    out = scheduler(signature, {"x": np.ones(2, np.float32), "z": np.zeros(3, np.float32)}, ["y"])
+    assert out["y"].tolist() == [2.0, 2.0]
+
+
+def test_outputs_without_a_batch_dimension_fail_the_batch(scheduler_factory):
+    scheduler = scheduler_factory(max_batch_size=8)
     with pytest.raises(ServingError, match="Batched output tensor y has 0 dimensions"):
         scheduler(DoublingSignature(scalar_output=True), {"x": np.zeros(2, np.float32)}, ["y"])
 

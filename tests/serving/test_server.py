@@ -82,7 +82,7 @@ def test_rest_status_reports_every_version(server):
 
 def test_rest_predict_instances_rows(server):
     status, body = _http(
-        f"{server.rest_url}/v1/models/sentiment:predict", {"instances": ["good good", {"text": "awful"}]}
+        f"{server.rest_url}/v1/models/sentiment:predict", {"instances": [{"text": "good good"}, {"text": "awful"}]}
     )
     assert status == 200
     first, second = body["predictions"]
@@ -121,8 +121,9 @@ def test_rest_predict_inputs_columns_and_b64(server):
         ("/v1/models/sentiment:predict", "[1]", 400, "Is not object"),
         ("/v1/models/sentiment:predict", {"signature_name": "serving_default"}, 400, "Missing 'inputs' or 'instances' key"),
         ("/v1/models/sentiment:predict", {"inputs": {"txt": ["x"]}}, 400, "Missing named input: text"),
-        ("/v1/models/sentiment:predict", {"instances": [{"txt": "x"}]}, 400, "keys must be equal to: text"),
+        ("/v1/models/sentiment:predict", {"instances": [{"txt": "x"}]}, 400, "does not have named input: txt"),
         ("/v1/models/sentiment:predict", {"instances": [3]}, 400, "is not of expected type: string"),
+        ("/v1/models/sentiment:predict", {"instances": ["a", {"text": "b"}]}, 400, "Expecting value/list but got object at item 1"),
         ("/v1/models/sentiment:predict", {"instances": []}, 400, "No values in 'instances' array"),
         ("/v1/models/sentiment:predict", {"instances": ["x"], "inputs": ["x"]}, 400, "only one of 'inputs' or 'instances'"),
         ("/v1/models/sentiment:predict", {"instances": ["x"], "signature_name": "nope"}, 400, '"nope" not found'),

@@ -88,10 +88,11 @@ def test_metrics_count_requests_per_model_version_api_and_entrypoint(tmp_path, i
     def has(*parts: str) -> bool:
         return any(all(p in line for p in parts) for line in lines if not line.startswith("#"))
 
-    assert has(":tensorflow:serving:request_count_total", 'model_name="sentiment"', 'model_version="1"', 'API="Predict"', 'entrypoint="REST"', 'status="OK"')
-    assert has(":tensorflow:serving:request_count_total", 'entrypoint="GRPC"', 'status="OK"')
-    assert has(":tensorflow:serving:request_count_total", 'model_name="missing"', 'status="NOT_FOUND"')
+    assert has("maas_serving_requests_total", 'model_name="sentiment"', 'model_version="1"', 'API="Predict"', 'entrypoint="REST"', 'status="OK"')
+    assert has("maas_serving_requests_total", 'entrypoint="GRPC"', 'status="OK"')
+    assert has("maas_serving_requests_total", 'model_name="missing"', 'status="NOT_FOUND"')
     assert has(":tensorflow:serving:request_latency_bucket", 'API="Predict"', 'entrypoint="REST"')
+    assert has(":tensorflow:serving:request_count{", 'model_name="sentiment"', 'status="OK"')
     assert has(":tensorflow:serving:model_version_state", 'model_name="sentiment"', 'state="AVAILABLE"')
 
 
