@@ -26,6 +26,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -107,8 +108,15 @@ def read_batching_parameters(path: Path | None) -> BatchingOptions:
 class _Task:
     inputs: dict[str, np.ndarray]
     size: int
-    future: Future
+    future: Any  # a concurrent.futures.Future, or an asyncio future of ``loop``
     enqueued: float
+    loop: Any = None
+
+    def claim(self) -> bool:
+        """Mark the task as running; False when its caller gave up on it (cancelled) while it queued."""
+        if self.loop is None:
+            return self.future.set_running_or_notify_cancel()
+        return not self.future.cancelled()
 
 
 @dataclass
@@ -146,23 +154,42 @@ class BatchScheduler:
                 size limit; UNAVAILABLE when the queue is full or the scheduler stopped; the run's
                 own error.
         """
+        future = self.submit(signature, inputs, aliases)
+        if future is None:
+            return signature.run_session(inputs, aliases)
+        return future.result()
+
+    def submit(
+        self, signature: Signature, inputs: dict[str, np.ndarray], aliases: list[str], loop: Any = None
+    ) -> Any:
+        """Queue a request; the future gives its outputs. With ``loop`` (called from that event loop), it
+        is an asyncio future, settled once per batch on the loop, so waiting holds no thread. None when the
+        request has no batch dimension to concatenate along (scalars, inputs of different lengths): TF
+        Serving's batching session refuses those, the caller runs them alone instead; so it does for a
+        split-size task waited on from a loop.
+
+        Raises:
+            ServingError: INVALID_ARGUMENT for a task over the size limit; UNAVAILABLE when the queue is
+                full or the scheduler stopped.
+        """
         sizes = {alias: (value.shape[0] if value.ndim else None) for alias, value in inputs.items()}
         if not inputs or None in sizes.values() or len(set(sizes.values())) != 1:
-            # Scalars, or inputs of different lengths, have no batch dimension to concatenate along.
-            # TF Serving's batching session refuses them; running them alone serves them instead.
-            return signature.run_session(inputs, aliases)
+            return None
         size = next(iter(sizes.values()))
+        if size == 0:
+            return None  # nothing to batch; padding a batch from an empty task would break its neighbours
+        if size > self.options.max_batch_size:
+            raise invalid_argument(f"Task size {size} is larger than maximum input batch size {self.options.max_batch_size}")
         limit = self.options.execution_batch_size
         if size <= limit:
-            return self._submit(signature, inputs, aliases, size).result()
-        if not self.options.enable_large_batch_splitting:
-            raise invalid_argument(f"Task size {size} is larger than maximum input batch size {self.options.max_batch_size}")
-        futures = [
+            return self._submit(signature, inputs, aliases, size, loop)
+        if loop is not None:
+            return None
+        parts = [
             self._submit(signature, {k: v[start : start + limit] for k, v in inputs.items()}, aliases, min(limit, size - start))
             for start in range(0, size, limit)
         ]
-        parts = [f.result() for f in futures]
-        return {alias: np.concatenate([p[alias] for p in parts], axis=0) for alias in aliases}
+        return _joined(parts, aliases)
 
     def stop(self) -> None:
         """Stop the batch threads; queued requests fail with UNAVAILABLE."""
@@ -171,13 +198,15 @@ class BatchScheduler:
             pending = [task for queue in self._queues.values() for task in queue.tasks]
             self._queues.clear()
             self._cond.notify_all()
-        for task in pending:
-            task.future.set_exception(ServingError(grpc.StatusCode.UNAVAILABLE, "The model server is shutting down"))
+        shutting_down = ServingError(grpc.StatusCode.UNAVAILABLE, "The model server is shutting down")
+        _deliver([t for t in pending if t.claim()], None, shutting_down)
         for thread in self._threads:
             thread.join(timeout=5)
 
-    def _submit(self, signature: Signature, inputs: dict[str, np.ndarray], aliases: list[str], size: int) -> Future:
-        future: Future = Future()
+    def _submit(
+        self, signature: Signature, inputs: dict[str, np.ndarray], aliases: list[str], size: int, loop: Any = None
+    ) -> Any:
+        future = Future() if loop is None else loop.create_future()
         key = (id(signature), tuple(sorted(inputs)), tuple(aliases))
         with self._cond:
             if self._stopping:
@@ -190,7 +219,7 @@ class BatchScheduler:
                 raise ServingError(
                     grpc.StatusCode.UNAVAILABLE, "The batch scheduling queue to which this task was submitted is full"
                 )
-            queue.tasks.append(_Task(inputs, size, future, time.monotonic()))
+            queue.tasks.append(_Task(inputs, size, future, time.monotonic(), loop))
             queue.rows += size
             self._cond.notify()
         return future
@@ -213,15 +242,21 @@ class BatchScheduler:
                         wake = due if wake is None else min(wake, due)
                 if ready is not None:
                     queue = self._queues[ready]
-                    batch, rows = [], 0
+                    batch, rows, taken = [], 0, 0
                     while queue.tasks and rows + queue.tasks[0].size <= limit:
                         task = queue.tasks.popleft()
-                        batch.append(task)
-                        rows += task.size
-                    queue.rows -= rows
+                        taken += task.size
+                        # A request that gave up (its client timed out) while queued is dropped here;
+                        # once running, its future can no longer be cancelled.
+                        if task.claim():
+                            batch.append(task)
+                            rows += task.size
+                    queue.rows -= taken
                     if not queue.tasks:
                         del self._queues[ready]  # a queue per signature in use, not per signature ever seen
-                    return queue, batch
+                    if batch:
+                        return queue, batch
+                    continue
                 self._cond.wait(None if wake is None else max(wake - now, 0.0))
         return None
 
@@ -234,16 +269,13 @@ class BatchScheduler:
             try:
                 outputs = self._run_batch(queue, batch)
             except ServingError as exc:
-                for task in batch:
-                    task.future.set_exception(exc)
+                _deliver(batch, None, exc)
                 continue
             except Exception as exc:  # noqa: BLE001 - a bug must fail the requests, never hang them
                 log.exception("batch of %s failed", queue.signature.name)
-                for task in batch:
-                    task.future.set_exception(ServingError(grpc.StatusCode.INTERNAL, f"batch run failed: {exc}"))
+                _deliver(batch, None, ServingError(grpc.StatusCode.INTERNAL, f"batch run failed: {exc}"))
                 continue
-            for task, result in zip(batch, outputs):
-                task.future.set_result(result)
+            _deliver(batch, outputs, None)
 
     def _run_batch(self, queue: _Queue, batch: list[_Task]) -> list[dict[str, np.ndarray]]:
         signature, aliases = queue.signature, queue.aliases
@@ -259,9 +291,10 @@ class BatchScheduler:
         results: list[dict[str, np.ndarray]] = [{} for _ in batch]
         for alias, value in outputs.items():
             if value.ndim == 0:
-                raise invalid_argument(f"Batched output tensor {alias} has 0 dimensions")
+                raise ServingError(grpc.StatusCode.FAILED_PRECONDITION, f"Batched output tensor {alias} has 0 dimensions")
             if value.shape[0] != padded:
-                raise invalid_argument(
+                raise ServingError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
                     f"Batched output tensor's 0th dimension does not equal the sum of the 0th dimension sizes "
                     f"of the input tensors ({alias}: {value.shape[0]} vs. {padded})"
                 )
@@ -291,6 +324,59 @@ class BatchScheduler:
             # TF Serving pads a batch up to an allowed size with copies of its first row.
             parts = [*parts, np.repeat(parts[0][:1], pad_rows, axis=0)]
         return np.concatenate(parts, axis=0)
+
+
+def _deliver(tasks: list[_Task], results: list[dict] | None, error: Exception | None) -> None:
+    """Settle the tasks' futures: concurrent ones here, asyncio ones with one call per event loop."""
+    by_loop: dict[Any, list[tuple[Any, Any, Exception | None]]] = {}
+    for i, task in enumerate(tasks):
+        result = None if results is None else results[i]
+        if task.loop is None:
+            if error is None:
+                task.future.set_result(result)
+            else:
+                task.future.set_exception(error)
+        else:
+            by_loop.setdefault(task.loop, []).append((task.future, result, error))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle, items)
+        except RuntimeError:
+            log.debug("an event loop closed before its batch results arrived")
+
+
+def _settle(items: list[tuple[Any, Any, Exception | None]]) -> None:
+    for future, result, error in items:
+        if future.done():
+            continue  # its request timed out meanwhile
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+
+def _joined(parts: list[Future], aliases: list[str]) -> Future:
+    """One Future for the pieces of a split task: their outputs concatenated, or the first error."""
+    joined: Future = Future()
+    remaining = [len(parts)]
+    lock = threading.Lock()
+
+    def on_done(_part: Future) -> None:
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        if not last:
+            return
+        errors = [p.exception() for p in parts if p.exception() is not None]
+        if errors:
+            joined.set_exception(errors[0])
+        else:
+            results = [p.result() for p in parts]
+            joined.set_result({a: np.concatenate([r[a] for r in results], axis=0) for a in aliases})
+
+    for part in parts:
+        part.add_done_callback(on_done)
+    return joined
 
 
 def _pad_to_common_shape(parts: list[np.ndarray]) -> list[np.ndarray]:

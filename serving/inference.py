@@ -100,11 +100,34 @@ def predict_with(servable: Servable, request: predict_pb2.PredictRequest) -> pre
         ServingError: unknown signature (FAILED_PRECONDITION), bad inputs or output filter
             (INVALID_ARGUMENT), or the graph's own error.
     """
+    signature, values, aliases = prepare_predict(servable, request)
+    if signature.batcher is not None:
+        outputs = signature.batcher(signature, values, aliases)
+    else:
+        outputs = signature.run_session(values, aliases)
+    return predict_response(request, servable, signature, outputs)
+
+
+def prepare_predict(
+    servable: Servable, request: predict_pb2.PredictRequest
+) -> tuple[Signature, dict[str, np.ndarray], list[str]]:
+    """Check a PredictRequest against its signature: the signature, the values to feed, the outputs to fetch.
+
+    Raises:
+        ServingError: unknown signature (FAILED_PRECONDITION), bad inputs or output filter (INVALID_ARGUMENT).
+    """
     signature = servable.signature(request.model_spec.signature_name)
     check_predict_method(signature)
     signature.check_inputs(set(request.inputs))
     inputs = {alias: tensor_from_proto(proto, alias) for alias, proto in request.inputs.items()}
-    outputs = signature.run(inputs, list(request.output_filter))
+    values, aliases = signature.prepare(inputs, list(request.output_filter))
+    return signature, values, aliases
+
+
+def predict_response(
+    request: predict_pb2.PredictRequest, servable: Servable, signature: Signature, outputs: dict[str, np.ndarray]
+) -> predict_pb2.PredictResponse:
+    """The PredictResponse for a run's outputs (typed ``*_val`` fields, the version that answered)."""
     response = predict_pb2.PredictResponse()
     _fill_model_spec(response.model_spec, request.model_spec.name, servable.version, signature.name)
     for alias, value in outputs.items():

@@ -68,6 +68,7 @@ class ServerMetrics:
         # kept here and written out by exposition().
         self._tf_counts: Tally[tuple[str, str]] = Tally()
         self._tf_lock = threading.Lock()
+        self._children: dict[tuple, tuple] = {}
         self._tf_latency = Histogram(
             ":tensorflow:serving:request_latency",
             "Distribution of wall time (in microseconds) for Tensorflow Serving request.",
@@ -101,13 +102,24 @@ class ServerMetrics:
         self, model: str, version: int | None, api: str, entrypoint: str, status: str, seconds: float
     ) -> None:
         """Count one answered request and its latency (``version`` None: none was resolved)."""
-        version_label = "" if version is None else str(version)
-        self._requests.labels(model, version_label, api, entrypoint, status).inc()
-        self._latency.labels(model, version_label, api, entrypoint).observe(seconds)
-        if api in _TF_SERVING_COUNTED:
+        key = (model, version, api, entrypoint, status)
+        children = self._children.get(key)
+        if children is None:
+            # labels() costs a lock and a lookup each time: resolved once per label set.
+            version_label = "" if version is None else str(version)
+            children = (
+                self._requests.labels(model, version_label, api, entrypoint, status),
+                self._latency.labels(model, version_label, api, entrypoint),
+                self._tf_latency.labels(model, api, entrypoint) if api in _TF_SERVING_COUNTED else None,
+            )
+            self._children[key] = children
+        requests, latency, tf_latency = children
+        requests.inc()
+        latency.observe(seconds)
+        if tf_latency is not None:
             with self._tf_lock:
                 self._tf_counts[(model, status)] += 1
-            self._tf_latency.labels(model, api, entrypoint).observe(seconds * 1e6)
+            tf_latency.observe(seconds * 1e6)
 
     def observe_batch(self, signature, rows: int) -> None:
         """Record a batch the scheduler ran (``signature``: a :class:`serving.servable.Signature`)."""

@@ -24,9 +24,9 @@ import asyncio
 import json
 import logging
 import re
-import threading
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -37,6 +37,7 @@ import grpc
 import httptools
 
 from serving import rest_json
+from serving.loop import LoopThread
 from serving.rest_json import HTTP_STATUS
 from serving.servable import ServingError, invalid_argument
 
@@ -55,6 +56,7 @@ _STATUS_PATH = re.compile(
 _MAX_HEAD_BYTES = 64 * 1024
 _INT64_MAX = 2**63 - 1
 _DISCARD_BYTES = 1024 * 1024  # after a 413, read (and drop) this much so the client sees the answer, not a reset
+_SWEEP_SECONDS = 0.1
 _API_BY_VERB = {"predict": "Predict", "classify": "Classify", "regress": "Regress"}
 
 
@@ -69,6 +71,7 @@ class Reply:
     version: int | None = None
     api: str = ""
     code: str = "OK"
+    head_only: bool = False  # the answer to a HEAD request: headers only
 
 
 def _error_reply(error: ServingError, **fields) -> Reply:
@@ -83,31 +86,104 @@ def _decode_part(text: str, what: str) -> str:
         raise invalid_argument(f"Failed to decode {what}:{text}") from None
 
 
+@dataclass
+class Route:
+    """What a request's method and path ask for."""
+
+    api: str
+    model: str
+    version: int | None
+    label: str | None
+    verb: str | None
+
+
+def route_request(method: str, path: str) -> Route:
+    """Parse a REST path as TF Serving does (its regular expressions, percent-decoding).
+
+    Raises:
+        ServingError: INVALID_ARGUMENT for a malformed path, a version that does not fit int64, or
+            both a version and a label.
+    """
+    if not path.lower().startswith("/v1/"):
+        # TF Serving's HTTP server dispatches only /v1/...: anything else is not found.
+        raise ServingError(grpc.StatusCode.NOT_FOUND, f"Not found: {path}; the API lives under /v1/models/")
+    if method == "POST":
+        match = _PREDICT_PATH.fullmatch(path)
+    elif method == "GET":
+        match = _STATUS_PATH.fullmatch(path)
+    else:
+        match = None
+    if match is None:
+        raise invalid_argument(f"Malformed request: {method} {path}")
+    raw_name, raw_version, raw_label, verb = match.groups()
+    model = _decode_part(raw_name, "model name") if raw_name else ""
+    label = _decode_part(raw_label, "model version label") if raw_label else None
+    version = None
+    if raw_version:
+        version = int(raw_version) if len(raw_version) <= 19 else _INT64_MAX + 1
+        if version > _INT64_MAX:
+            raise invalid_argument(f"Failed to convert version: {raw_version} to numeric.")
+    if version is not None and label is not None:
+        raise invalid_argument(f"Both model version ({version}) and model version label ({label}) cannot be supplied.")
+    if method == "POST":
+        api = _API_BY_VERB[verb.lower()]
+    else:
+        api = "GetModelMetadata" if verb else "GetModelStatus"
+    return Route(api, model, version, label, verb)
+
+
+def _internal_error(method: str, path: str, exc: Exception, reply: Reply) -> Reply:
+    log.exception("REST %s %s failed", method, path)
+    return _error_reply(
+        ServingError(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"),
+        model=reply.model,
+        version=reply.version,
+        api=reply.api,
+    )
+
+
+async def answer_predict(
+    manager: ModelManager, route: Route, path: str, body: bytes, run_alone: Callable[..., Awaitable]
+) -> Reply:
+    """Answer a REST predict on the event loop: the body is converted here and the request waits for its
+    batch without holding a thread (``run_alone(signature, values, aliases)`` runs an unbatched one)."""
+    reply = Reply(200, b"", model=route.model, api=route.api)
+    try:
+        request = rest_json.parse_json_object(body)
+        servable = manager.get_servable(route.model, route.version, route.label)
+        reply.version = servable.version
+        call = rest_json.prepare_predict(servable, request)
+        future = call.signature.submit(call.values, call.aliases, loop=asyncio.get_running_loop())
+        if future is None:
+            outputs = await run_alone(call.signature, call.values, call.aliases)
+        else:
+            outputs = await future
+        reply.body = json.dumps(rest_json.predict_response(call, outputs)).encode("utf-8")
+        return reply
+    except ServingError as exc:
+        log.debug("REST POST %s failed: %s", path, exc)
+        return _error_reply(exc, model=reply.model, version=reply.version, api=reply.api)
+    except Exception as exc:  # noqa: BLE001 - a bug must still answer in TF Serving's error shape
+        return _internal_error("POST", path, exc, reply)
+
+
+def path_of(target: str) -> str:
+    """The path of a request target (a target ``urlsplit`` cannot read is taken up to its query)."""
+    try:
+        return urlsplit(target).path
+    except ValueError:
+        return target.split("?", 1)[0]
+
+
 def handle_request(manager: ModelManager, method: str, target: str, body: bytes) -> Reply:
     """Answer one REST request (any thread); never raises."""
-    path = urlsplit(target).path
+    path = path_of(target)
     reply = Reply(200, b"")
     try:
+        route = route_request(method, path)
+        reply.model, reply.api = route.model, route.api
+        version, label, verb = route.version, route.label, route.verb
         if method == "POST":
-            match = _PREDICT_PATH.fullmatch(path)
-        elif method == "GET":
-            match = _STATUS_PATH.fullmatch(path)
-        else:
-            match = None
-        if match is None:
-            raise invalid_argument(f"Malformed request: {method} {path}")
-        raw_name, raw_version, raw_label, verb = match.groups()
-        reply.model = _decode_part(raw_name, "model name") if raw_name else ""
-        label = _decode_part(raw_label, "model version label") if raw_label else None
-        version = None
-        if raw_version:
-            version = int(raw_version)
-            if version > _INT64_MAX:
-                raise invalid_argument(f"Failed to convert version: {raw_version} to numeric.")
-        if version is not None and label is not None:
-            raise invalid_argument(f"Both model version ({version}) and model version label ({label}) cannot be supplied.")
-        if method == "POST":
-            reply.api = _API_BY_VERB[verb.lower()]
             request = rest_json.parse_json_object(body)
             servable = manager.get_servable(reply.model, version, label)
             reply.version = servable.version
@@ -118,7 +194,6 @@ def handle_request(manager: ModelManager, method: str, target: str, body: bytes)
             else:
                 payload = rest_json.regress_json(servable, request, reply.model)
         else:
-            reply.api = "GetModelMetadata" if verb else "GetModelStatus"
             if not reply.model:
                 raise invalid_argument("Missing model name in request.")
             if verb:
@@ -131,13 +206,7 @@ def handle_request(manager: ModelManager, method: str, target: str, body: bytes)
         log.debug("REST %s %s failed: %s", method, path, exc)
         return _error_reply(exc, model=reply.model, version=reply.version, api=reply.api)
     except Exception as exc:  # noqa: BLE001 - a bug must still answer in TF Serving's error shape
-        log.exception("REST %s %s failed", method, path)
-        return _error_reply(
-            ServingError(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"),
-            model=reply.model,
-            version=reply.version,
-            api=reply.api,
-        )
+        return _internal_error(method, path, exc, reply)
 
 
 @dataclass
@@ -148,6 +217,9 @@ class _Request:
     body: bytearray = field(default_factory=bytearray)
     keep_alive: bool = True
     started: float = 0.0
+    reply: Reply | None = None  # set for a refusal queued behind an earlier request's answer
+    head_done: bool = False
+    head_received: int = 0
 
 
 class _Connection(asyncio.Protocol):
@@ -165,7 +237,14 @@ class _Connection(asyncio.Protocol):
         self._busy = False
         self._closing = False
         self._discarding = 0
-        self._timer: asyncio.TimerHandle | None = None
+        self._refusing = False
+        self._write_paused = False
+        # Deadlines (monotonic seconds), checked by the server's sweeper: one for the connection's reading
+        # side (idle, or a request still arriving) and one for the request being answered.
+        self._read_deadline: float | None = None
+        self._on_read_deadline: Callable[[], None] = self._close
+        self._answer_deadline: float | None = None
+        self._inflight: _Request | None = None
 
     # --- asyncio callbacks ---
 
@@ -174,10 +253,20 @@ class _Connection(asyncio.Protocol):
         self._server.connections.add(self)
         self._arm(self._options.rest_idle_seconds, self._close_idle)
 
+    def pause_writing(self) -> None:
+        # The client does not read its answers: stop reading its requests until it catches up.
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if not self._busy and not self._closing:
+            self._next()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.connections.discard(self)
         self._closing = True
         self._cancel_timer()
+        self._answer_deadline = None
 
     def data_received(self, data: bytes) -> None:
         if self._discarding:
@@ -185,16 +274,29 @@ class _Connection(asyncio.Protocol):
             if self._discarding <= 0:
                 self._close()
             return
-        if self._closing:
+        if self._closing or self._refusing:
             return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._reject(400, "protocol upgrades are not supported")
+            # A client offering an upgrade (curl --http2 sends Upgrade: h2c) keeps talking HTTP/1.1 when the
+            # server does not switch: answer what was asked, then end the connection (its parser is done).
+            self._refusing = True
+            if self._ready:
+                self._ready[-1].keep_alive = False
+            elif not self._busy:
+                self._reject(400, "Malformed HTTP request: an upgrade with a request body is not supported")
+            return
         except (httptools.HttpParserError, _Rejected) as exc:
             # A callback that refused the request raised _Rejected (httptools may wrap it): already answered.
-            if not self._closing:
+            if not self._refusing:
                 self._reject(400, f"Malformed HTTP request: {exc}")
+            return
+        if self._current is not None and not self._current.head_done:
+            # httptools buffers a header line until it ends: count what arrived, not only complete headers.
+            self._current.head_received += len(data)
+            if self._current.head_received > _MAX_HEAD_BYTES:
+                self._reject(431, f"Request line and headers exceed {_MAX_HEAD_BYTES} bytes")
 
     # --- httptools callbacks ---
 
@@ -213,6 +315,7 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         request = self._current
+        request.head_done = True
         request.method = self._parser.get_method().decode("ascii", "replace")
         declared = request.headers.get("content-length")
         limit = self._options.rest_max_body_bytes
@@ -240,7 +343,7 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         request, self._current = self._current, None
         request.keep_alive = self._parser.should_keep_alive()
-        self._cancel_timer()
+        self._cancel_timer()  # the read deadline; the answer has its own
         self._ready.append(request)
         self._transport.pause_reading()  # one request at a time per connection; pipelined ones wait
         if not self._busy:
@@ -253,22 +356,56 @@ class _Connection(asyncio.Protocol):
             return
         if not self._ready:
             self._busy = False
+            if self._write_paused:
+                return  # resume_writing() carries on once the client has read what is buffered
             self._transport.resume_reading()
-            self._arm(self._options.rest_idle_seconds, self._close_idle)
+            if self._current is not None:
+                # A pipelined request is partly here: its time to arrive runs from now (reading was paused).
+                self._arm(self._options.rest_timeout_seconds, self._close_slow)
+            else:
+                self._arm(self._options.rest_idle_seconds, self._close_idle)
             return
         self._busy = True
         request = self._ready.popleft()
-        self._loop.create_task(self._answer(request))
+        if request.reply is not None:
+            self._send_refusal(request.reply)
+            return
+        self._inflight = request
+        self._answer_deadline = request.started + self._options.rest_timeout_seconds
+        self._server.spawn(self._answer(request))
 
     async def _answer(self, request: _Request) -> None:
-        reply = await self._server.answer(request)
-        if self._closing:
-            return
+        try:
+            reply = await self._server.answer(request)
+        except Exception as exc:  # noqa: BLE001 - a bug must still answer, never leave the connection hanging
+            log.exception("REST request failed")
+            reply = _error_reply(ServingError(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"))
+        if self._closing or self._inflight is not request:
+            return  # the connection went away, or the request was already answered with 504
+        self._finish(request, reply)
+
+    def _finish(self, request: _Request, reply: Reply) -> None:
+        self._inflight = None
+        self._answer_deadline = None
         self._write(reply, request.keep_alive)
         if not request.keep_alive:
             self._close()
             return
         self._next()
+
+    def check_deadlines(self, now: float) -> None:
+        """Called by the server's sweeper: act on a deadline that has passed."""
+        if self._answer_deadline is not None and now >= self._answer_deadline and self._inflight is not None:
+            request = self._inflight
+            error = ServingError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"Request did not finish within {self._options.rest_timeout_seconds:g} s (--rest_api_timeout_in_ms)",
+            )
+            self._server.count_rejected(error.code.name)
+            self._finish(request, _error_reply(error))
+        if self._read_deadline is not None and now >= self._read_deadline and not self._closing and not self._busy:
+            self._read_deadline = None
+            self._on_read_deadline()
 
     def _write(self, reply: Reply, keep_alive: bool) -> None:
         reason = HTTPStatus(reply.status).phrase if reply.status in HTTPStatus._value2member_map_ else "Unknown"
@@ -281,7 +418,8 @@ class _Connection(asyncio.Protocol):
             ]
         if not keep_alive:
             head.append("Connection: close")
-        self._transport.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + reply.body)
+        body = b"" if reply.head_only else reply.body
+        self._transport.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
 
     def _reject(self, status: int, message: str) -> None:
         """Answer an unreadable request and end the connection without reading its body."""
@@ -289,7 +427,19 @@ class _Connection(asyncio.Protocol):
             status, grpc.StatusCode.RESOURCE_EXHAUSTED
         )
         self._server.count_rejected(code.name)
-        self._write(Reply(status, json.dumps({"error": message}).encode("utf-8"), code=code.name), keep_alive=False)
+        reply = Reply(status, json.dumps({"error": message}).encode("utf-8"), code=code.name)
+        self._current = None
+        self._refusing = True  # nothing more is parsed on this connection
+        if self._busy:
+            # An earlier request is still being answered: answers go out in order, so the refusal waits
+            # its turn behind the requests before it; nothing after it is read.
+            self._ready.append(_Request(reply=reply, keep_alive=False))
+            self._cancel_timer()
+            return
+        self._send_refusal(reply)
+
+    def _send_refusal(self, reply: Reply) -> None:
+        self._write(reply, keep_alive=False)
         self._closing = True
         self._cancel_timer()
         # Closing with unread input makes the kernel send a reset, which can destroy the answer before
@@ -314,21 +464,22 @@ class _Connection(asyncio.Protocol):
 
     # --- timers ---
 
-    def _arm(self, seconds: float, callback) -> None:
-        self._cancel_timer()
-        self._timer = self._loop.call_later(seconds, callback)
+    def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
+        # A deadline, not a loop timer per request: the sweeper checks every connection a few times a second.
+        self._read_deadline = time.monotonic() + seconds
+        self._on_read_deadline = callback
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._read_deadline = None
 
     def _close_idle(self) -> None:
         if not self._busy and self._current is None:
             self._close()
+        elif self._busy:
+            self._cancel_timer()
 
     def _close_slow(self) -> None:
-        if self._current is not None and not self._closing:
+        if self._current is not None and not self._refusing:
             self._reject(408, f"Request not received within {self._options.rest_timeout_seconds:g} s (--rest_api_timeout_in_ms)")
 
     def _close(self) -> None:
@@ -354,19 +505,25 @@ class RestServer:
         options: FrontEndOptions,
         metrics: ServerMetrics | None = None,
         metrics_path: str | None = None,
+        batching: bool = False,
+        loop_thread: LoopThread | None = None,
     ) -> None:
         self.manager = manager
+        self.batching = batching
+        self._own_loop = loop_thread is None
+        self._loop_thread = loop_thread or LoopThread("model-server-rest-loop")
         self.host = host
         self.port = port
         self.options = options
         self.metrics = metrics
         self.metrics_path = metrics_path
-        self.loop = asyncio.new_event_loop()
+        self.loop = self._loop_thread.loop
         self.connections: set[_Connection] = set()
+        self._tasks: set[asyncio.Task] = set()
         self._pool = ThreadPoolExecutor(max_workers=options.rest_threads, thread_name_prefix="model-server-rest")
         self._pending = 0
         self._server: asyncio.base_events.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._started = False
 
     def start(self) -> None:
         """Bind and start serving in a background thread.
@@ -374,52 +531,84 @@ class RestServer:
         Raises:
             OSError: the address cannot be bound.
         """
-        try:
-            self._server = self.loop.run_until_complete(
-                self.loop.create_server(
-                    lambda: _Connection(self), self.host, self.port, backlog=self.options.rest_backlog, reuse_address=True
-                )
+        async def listen() -> asyncio.base_events.Server:
+            server = await self.loop.create_server(
+                lambda: _Connection(self), self.host, self.port, backlog=self.options.rest_backlog, reuse_address=True
             )
+            self._sweeper = self.loop.create_task(self._sweep())
+            return server
+
+        try:
+            self._server = self._loop_thread.run(listen())
         except OSError as exc:
-            self.loop.close()
             self._pool.shutdown(wait=False)
+            if self._own_loop:
+                self._loop_thread.stop()
             raise OSError(
                 f"cannot listen for REST on {self.host}:{self.port} ({exc.strerror or exc}): is another server "
                 "using it? choose another --rest_api_port"
             ) from None
         self.port = self._server.sockets[0].getsockname()[1]
-        self._thread = threading.Thread(target=self.loop.run_forever, name="model-server-rest-loop", daemon=True)
-        self._thread.start()
+        self._started = True
 
     def stop(self, grace: float = 2.0) -> None:
         """Stop accepting, give in-flight requests up to ``grace`` seconds, then close every connection."""
-        if self._thread is None:
+        if not self._started:
             return
+        self._started = False
 
         async def shut_down() -> None:
+            self._sweeper.cancel()
             self._server.close()
             deadline = time.monotonic() + grace
-            while self._pending and time.monotonic() < deadline:
+            while self._tasks and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
+            for task in list(self._tasks):
+                task.cancel()
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
             for connection in list(self.connections):
                 connection._close()
             await asyncio.sleep(0)
 
         try:
-            asyncio.run_coroutine_threadsafe(shut_down(), self.loop).result(timeout=grace + 5)
+            self._loop_thread.run(shut_down(), timeout=grace + 5)
         except Exception:  # noqa: BLE001 - stopping must go on even if the loop is wedged
             log.warning("REST server did not shut down cleanly", exc_info=True)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=5)
-        self._thread = None
         self._pool.shutdown(wait=False, cancel_futures=True)
-        if not self.loop.is_running():
-            self.loop.close()
+        if self._own_loop:
+            self._loop_thread.stop()
+
+    def spawn(self, coroutine) -> None:
+        """Run a connection's answer as a task the server can wait for, or cancel, when it stops."""
+        task = self.loop.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _sweep(self) -> None:
+        # The deadlines' resolution: fine enough for timeouts counted in seconds, cheap for 1,000 connections.
+        while True:
+            await asyncio.sleep(_SWEEP_SECONDS)
+            now = time.monotonic()
+            for connection in list(self.connections):
+                try:
+                    connection.check_deadlines(now)
+                except Exception:  # noqa: BLE001 - one broken connection must not stop the others' timeouts
+                    log.exception("checking a REST connection's deadlines failed")
+                    connection._close()
 
     async def answer(self, request: _Request) -> Reply:
-        """Work out the reply to a complete request (in the pool), with load shedding and a timeout."""
+        """Work out the reply to a complete request, with load shedding (the connection times it out)."""
+        head_only = request.method == "HEAD"
+        reply = await self._reply_to(request)
+        reply.head_only = head_only
+        return reply
+
+    async def _reply_to(self, request: _Request) -> Reply:
         target = request.url.decode("latin-1")
-        if self.metrics_path and request.method == "GET" and urlsplit(target).path == self.metrics_path:
+        if request.method == "HEAD":
+            request.method = "GET"  # the same answer without its body
+        if self.metrics_path and request.method == "GET" and path_of(target) == self.metrics_path:
             from serving.metrics import CONTENT_TYPE
 
             body = await self.loop.run_in_executor(self._pool, self.metrics.exposition)
@@ -434,21 +623,27 @@ class RestServer:
             return reply
         self._pending += 1
         try:
-            future = self.loop.run_in_executor(self._pool, handle_request, self.manager, request.method, target, bytes(request.body))
-            remaining = self.options.rest_timeout_seconds - (time.monotonic() - request.started)
-            try:
-                reply = await asyncio.wait_for(asyncio.shield(future), timeout=max(remaining, 0.001))
-            except asyncio.TimeoutError:
-                reply = _error_reply(
-                    ServingError(
-                        grpc.StatusCode.DEADLINE_EXCEEDED,
-                        f"Request did not finish within {self.options.rest_timeout_seconds:g} s (--rest_api_timeout_in_ms)",
-                    )
-                )
+            reply = await self._work_for(request, target)
         finally:
             self._pending -= 1
         self._record(reply, request)
         return reply
+
+    def _work_for(self, request: _Request, target: str) -> Awaitable[Reply]:
+        body = bytes(request.body)
+        path = path_of(target)
+        if request.method == "POST" and self.batching:
+            try:
+                route = route_request(request.method, path)
+            except ServingError:
+                route = None
+            if route is not None and route.api == "Predict":
+                # Batched predicts wait for their batch on the loop: no thread each, no hand-offs.
+                return answer_predict(self.manager, route, path, body, self._run_alone)
+        return self.loop.run_in_executor(self._pool, handle_request, self.manager, request.method, target, body)
+
+    async def _run_alone(self, signature, values, aliases):
+        return await self.loop.run_in_executor(self._pool, signature.run_session, values, aliases)
 
     def _record(self, reply: Reply, request: _Request) -> None:
         if self.metrics is not None and reply.api:

@@ -15,6 +15,7 @@ import base64
 import binascii
 import json
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -312,11 +313,47 @@ def _signature_name(request: dict) -> str:
     return name
 
 
+@dataclass
+class PredictCall:
+    """A REST predict body turned into a signature run: what to feed and fetch, and the body's format."""
+
+    signature: Signature
+    values: dict[str, np.ndarray]
+    aliases: list[str]
+    row_format: bool
+
+
 def predict_json(servable: Servable, request: dict) -> dict:
     """Answer a parsed REST predict body with ``servable``; returns the response object.
 
     Raises:
         ServingError: unknown signature, a malformed body, or inputs the graph rejects.
+    """
+    call = prepare_predict(servable, request)
+    if call.signature.batcher is not None:
+        outputs = call.signature.batcher(call.signature, call.values, call.aliases)
+    else:
+        outputs = call.signature.run_session(call.values, call.aliases)
+    return predict_response(call, outputs)
+
+
+def predict_response(call: PredictCall, outputs: dict[str, np.ndarray]) -> dict:
+    """The JSON response for a predict call's outputs, in the format of its request.
+
+    Raises:
+        ServingError: INVALID_ARGUMENT when row format is asked for outputs without a common batch size.
+    """
+    if call.row_format:
+        return {"predictions": _predictions(outputs)}
+    columns = {key: _json_value(key, value) for key, value in outputs.items()}
+    return {"outputs": next(iter(columns.values())) if len(columns) == 1 else columns}
+
+
+def prepare_predict(servable: Servable, request: dict) -> PredictCall:
+    """Check and convert a parsed REST predict body: the signature run it asks for.
+
+    Raises:
+        ServingError: unknown signature or a malformed body.
     """
     signature_name = _signature_name(request) or DEFAULT_SIGNATURE
     if signature_name not in servable.signatures:
@@ -333,12 +370,11 @@ def predict_json(servable: Servable, request: dict) -> dict:
             raise _invalid(f"JSON Value: {_debug_json(request)} Expecting 'instances' to be an list/array")
         if not instances:
             raise _invalid(f"JSON Value: {_debug_json(request)} No values in 'instances' array")
-        outputs = signature.run(_rows_to_inputs(instances, signature))
-        return {"predictions": _predictions(outputs)}
+        values, aliases = signature.prepare(_rows_to_inputs(instances, signature))
+        return PredictCall(signature, values, aliases, row_format=True)
     if "inputs" in request:
-        outputs = signature.run(_columns_to_inputs(request["inputs"], signature))
-        columns = {key: _json_value(key, value) for key, value in outputs.items()}
-        return {"outputs": next(iter(columns.values())) if len(columns) == 1 else columns}
+        values, aliases = signature.prepare(_columns_to_inputs(request["inputs"], signature))
+        return PredictCall(signature, values, aliases, row_format=False)
     raise _invalid("Missing 'inputs' or 'instances' key")
 
 

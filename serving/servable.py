@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,16 +101,32 @@ def tensor_to_proto(array: Any) -> tensor_pb2.TensorProto:
     return proto
 
 
+MAX_TENSOR_BYTES = 2**31 - 1  # as large as a gRPC message may be
+
+
 def tensor_from_proto(proto: tensor_pb2.TensorProto, alias: str) -> np.ndarray:
     """The numpy value of a request's TensorProto.
 
+    A proto may declare a large shape and send one value, which fills the tensor; a declared size whose
+    memory would exceed :data:`MAX_TENSOR_BYTES` is refused before anything is allocated.
+
     Raises:
-        ServingError: INVALID_ARGUMENT when the proto does not describe a tensor.
+        ServingError: INVALID_ARGUMENT when the proto does not describe a tensor, or one that large.
     """
+    elements = 1
+    for dim in proto.tensor_shape.dim:
+        if dim.size < 0:
+            raise invalid_argument(f"tensor parsing error: {alias} (dimension {dim.size} is negative)")
+        elements *= dim.size
+    item_bytes = 8 if proto.dtype == types_pb2.DT_STRING else max(tf.as_dtype(proto.dtype).size, 1) if proto.dtype else 1
+    if elements * item_bytes > MAX_TENSOR_BYTES:
+        raise invalid_argument(
+            f"tensor parsing error: {alias} (its shape declares {elements} elements, over {MAX_TENSOR_BYTES} bytes)"
+        )
     try:
         return tf.make_ndarray(proto)
-    except (TypeError, ValueError, tf.errors.OpError) as exc:
-        raise invalid_argument(f"tensor parsing error: {alias} ({exc})") from None
+    except (TypeError, ValueError, MemoryError, tf.errors.OpError) as exc:
+        raise invalid_argument(f"tensor parsing error: {alias} ({type(exc).__name__}: {exc})") from None
 
 
 def _feed_value(array: np.ndarray) -> np.ndarray:
@@ -137,8 +153,8 @@ class Signature:
     defaults: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
     model: str = ""
     version: int = 0
-    # Set by the server when batching is on: (signature, inputs, fetch aliases) -> outputs.
-    batcher: Callable[[Signature, dict[str, np.ndarray], list[str]], dict[str, np.ndarray]] | None = None
+    # Set by the server when batching is on: a serving.batching.BatchScheduler (callable, and .submit).
+    batcher: Any = None
 
     @property
     def method_name(self) -> str:
@@ -206,13 +222,36 @@ class Signature:
             ServingError: INVALID_ARGUMENT for missing/extra inputs or a bad output filter; the
                 TensorFlow error's code and message when the graph rejects the inputs.
         """
-        self.check_inputs(set(inputs))
-        aliases = self.output_aliases(output_filter)
-        values = {**{k: v for k, v in self.defaults.items() if k not in inputs}, **inputs}
-        values = {k: _feed_value(np.asarray(v)) for k, v in values.items()}
+        values, aliases = self.prepare(inputs, output_filter)
         if self.batcher is not None:
             return self.batcher(self, values, aliases)
         return self.run_session(values, aliases)
+
+    def prepare(
+        self, inputs: dict[str, np.ndarray], output_filter: list[str] | None = None
+    ) -> tuple[dict[str, np.ndarray], list[str]]:
+        """Check a request against the signature: the values to feed (defaults filled in) and the
+        outputs to fetch.
+
+        Raises:
+            ServingError: INVALID_ARGUMENT for missing/extra inputs or a bad output filter.
+        """
+        self.check_inputs(set(inputs))
+        aliases = self.output_aliases(output_filter)
+        values = {**{k: v for k, v in self.defaults.items() if k not in inputs}, **inputs}
+        return {k: _feed_value(np.asarray(v)) for k, v in values.items()}, aliases
+
+    def submit(self, values: dict[str, np.ndarray], aliases: list[str], loop: Any = None) -> Future | None:
+        """Queue prepared ``values`` for a batch; the Future gives the outputs (an asyncio future of
+        ``loop`` when one is given). None when this signature is not batched, or the request has no batch
+        dimension: then call :meth:`run_session`.
+
+        Raises:
+            ServingError: the batch queue refuses the request (full, or the request is too large).
+        """
+        if self.batcher is None:
+            return None
+        return self.batcher.submit(self, values, aliases, loop)
 
     def run_session(self, inputs: dict[str, np.ndarray], aliases: list[str]) -> dict[str, np.ndarray]:
         """One ``Session::Run`` with ``inputs`` fed to the signature's tensors (no batching).

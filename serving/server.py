@@ -75,6 +75,7 @@ END = VersionStatus.END
 
 _VERSION_DIR = re.compile(r"\d+")
 _FILE_SCHEME = "file://"
+_SWITCH_INTERVAL_SECONDS = 0.0005
 
 
 @dataclass
@@ -503,8 +504,9 @@ class ModelServer:
         self._config_poll = config_poll_seconds
         self._poll_wait = poll_wait_seconds
         self._stop = threading.Event()
-        self._grpc_server: grpc.Server | None = None
+        self._grpc_server = None
         self._rest_server = None
+        self._loop_thread = None
         self._threads: list[threading.Thread] = []
 
     @property
@@ -527,7 +529,8 @@ class ModelServer:
             ServingError: the config is unusable (a model that fails to load is logged, not raised).
             OSError: a port cannot be bound.
         """
-        from serving.grpc_service import create_grpc_server
+        from serving.grpc_service import GrpcServer
+        from serving.loop import LoopThread
         from serving.rest import RestServer
 
         try:
@@ -538,18 +541,28 @@ class ModelServer:
             # Unlike tensorflow_model_server, start anyway: a broken version on disk must not keep the
             # node from serving its other models, nor from being repaired (serving.sync re-installs it).
             log.error("Starting without every model available: %s", exc.message)
+        self._loop_thread = LoopThread()
         try:
-            self._grpc_server, self.grpc_port = create_grpc_server(
-                self.manager, self.host, self.grpc_port, self.front_end, self.metrics
-            )
-            self._grpc_server.start()
+            if self.grpc_port is not None or self.front_end.grpc_socket_path:
+                self._grpc_server = GrpcServer(
+                    self.manager, self.host, self.grpc_port, self.front_end, self.metrics, self._loop_thread
+                )
+                self._grpc_server.start()
+                self.grpc_port = self._grpc_server.port
             if self.grpc_port:
                 log.info("Running gRPC ModelServer at %s:%d ...", self.host, self.grpc_port)
             if self.front_end.grpc_socket_path:
                 log.info("Running gRPC ModelServer at UNIX socket %s ...", self.front_end.grpc_socket_path)
             if self.rest_port is not None:
                 self._rest_server = RestServer(
-                    self.manager, self.host, self.rest_port, self.front_end, self.metrics, self.metrics_path
+                    self.manager,
+                    self.host,
+                    self.rest_port,
+                    self.front_end,
+                    self.metrics,
+                    self.metrics_path,
+                    batching=self._batcher is not None,
+                    loop_thread=self._loop_thread,
                 )
                 self._rest_server.start()
                 self.rest_port = self._rest_server.port
@@ -571,8 +584,11 @@ class ModelServer:
             self._rest_server.stop(grace)
             self._rest_server = None
         if self._grpc_server is not None:
-            self._grpc_server.stop(grace).wait()
+            self._grpc_server.stop(grace)
             self._grpc_server = None
+        if self._loop_thread is not None:
+            self._loop_thread.stop()
+            self._loop_thread = None
         for thread in self._threads:
             thread.join(timeout=grace + 5)
         self._threads.clear()
@@ -773,6 +789,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_arg_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The event loop holds the GIL most of the time under load; with the default 5 ms switch interval a
+    # batch thread coming back from a session run waits that long for it, and batches run late.
+    sys.setswitchinterval(_SWITCH_INTERVAL_SECONDS)
     try:
         server = server_from_args(args)
     except (ModelConfigError, ConfigFileError, ValueError) as exc:

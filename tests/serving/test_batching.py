@@ -113,7 +113,9 @@ def test_a_task_over_max_batch_size_is_refused_unless_splitting(scheduler_factor
     with pytest.raises(ServingError, match="Task size 6 is larger than maximum input batch size 4") as info:
         strict(signature, {"x": np.arange(6, dtype=np.float32)}, ["y"])
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    splitting = scheduler_factory(max_batch_size=4, enable_large_batch_splitting=True, max_enqueued_batches=10)
+    splitting = scheduler_factory(
+        max_batch_size=16, enable_large_batch_splitting=True, max_execution_batch_size=4, max_enqueued_batches=10
+    )
     out = splitting(signature, {"x": np.arange(10, dtype=np.float32)}, ["y"])["y"]
     assert out.tolist() == (np.arange(10) * 2).tolist()
     assert max(signature.runs) <= 4 and sum(signature.runs) == 10
@@ -144,6 +146,9 @@ def test_batches_are_padded_to_an_allowed_size(scheduler_factory):
     scheduler = scheduler_factory(max_batch_size=8, allowed_batch_sizes=(4, 8))
     assert scheduler(signature, {"x": np.array([1.0, 2.0, 3.0], np.float32)}, ["y"])["y"].tolist() == [2.0, 4.0, 6.0]
     assert signature.runs == [4]
+    # An empty request runs alone: padding a batch from it would break the requests batched with it.
+    assert scheduler(signature, {"x": np.zeros(0, np.float32)}, ["y"])["y"].tolist() == []
+    assert signature.runs == [4, 0]
 
 
 def test_inputs_without_a_batch_dimension_run_alone(scheduler_factory):
@@ -156,7 +161,7 @@ def test_inputs_without_a_batch_dimension_run_alone(scheduler_factory):
 
 def test_outputs_without_a_batch_dimension_fail_the_batch(scheduler_factory):
     scheduler = scheduler_factory(max_batch_size=8)
-    with pytest.raises(ServingError, match="Batched output tensor y has 0 dimensions"):
+    with pytest.raises(ServingError, match="Batched output tensor y has 0 dimensions"):  # FAILED_PRECONDITION
         scheduler(DoublingSignature(scalar_output=True), {"x": np.zeros(2, np.float32)}, ["y"])
 
 

@@ -28,6 +28,7 @@ class EchoSignature:
     name = "serving_default"
     method_name = "tensorflow/serving/predict"
     defaults: dict = {}
+    batcher = None
 
     def __init__(self, dtypes: dict[str, tf.DType]) -> None:
         self._dtypes = dtypes
@@ -36,8 +37,11 @@ class EchoSignature:
     def input_dtype(self, name: str) -> tf.DType:
         return self._dtypes[name]
 
-    def run(self, inputs, output_filter=None):
-        return {f"out_{k}": v for k, v in inputs.items()}
+    def prepare(self, inputs, output_filter=None):
+        return inputs, [f"out_{k}" for k in inputs]
+
+    def run_session(self, values, aliases):
+        return {f"out_{k}": v for k, v in values.items()}
 
 
 class EchoServable:
