@@ -239,6 +239,7 @@ class _Connection(asyncio.Protocol):
         self._discarding = 0
         self._refusing = False
         self._write_paused = False
+        self._reading_paused = False
         # Deadlines (monotonic seconds), checked by the server's sweeper: one for the connection's reading
         # side (idle, or a request still arriving) and one for the request being answered.
         self._read_deadline: float | None = None
@@ -345,9 +346,13 @@ class _Connection(asyncio.Protocol):
         request.keep_alive = self._parser.should_keep_alive()
         self._cancel_timer()  # the read deadline; the answer has its own
         self._ready.append(request)
-        self._transport.pause_reading()  # one request at a time per connection; pipelined ones wait
         if not self._busy:
             self._next()
+        elif not self._reading_paused:
+            # One request at a time per connection: a pipelined one waits, and the socket is not read
+            # meanwhile (pausing only then spares two epoll calls per request in the common case).
+            self._transport.pause_reading()
+            self._reading_paused = True
 
     # --- answering ---
 
@@ -357,8 +362,13 @@ class _Connection(asyncio.Protocol):
         if not self._ready:
             self._busy = False
             if self._write_paused:
+                if not self._reading_paused:
+                    self._transport.pause_reading()
+                    self._reading_paused = True
                 return  # resume_writing() carries on once the client has read what is buffered
-            self._transport.resume_reading()
+            if self._reading_paused:
+                self._transport.resume_reading()
+                self._reading_paused = False
             if self._current is not None:
                 # A pipelined request is partly here: its time to arrive runs from now (reading was paused).
                 self._arm(self._options.rest_timeout_seconds, self._close_slow)
@@ -447,7 +457,9 @@ class _Connection(asyncio.Protocol):
         if self._transport.can_write_eof():
             self._transport.write_eof()
         self._discarding = _DISCARD_BYTES
-        self._transport.resume_reading()
+        if self._reading_paused:
+            self._transport.resume_reading()
+            self._reading_paused = False
         self._arm(2.0, self._close)
 
     def _too_large_message(self, size: int) -> str:

@@ -216,20 +216,25 @@ def _columns_to_inputs(inputs: Any, signature: Signature) -> dict[str, np.ndarra
 
 def _json_value(name: str, array: np.ndarray) -> Any:
     if array.dtype == object:
-        as_bytes = name.endswith("_bytes")
-
-        def encode(item: bytes) -> Any:
-            if not as_bytes:
-                try:
-                    return item.decode("utf-8")
-                except UnicodeDecodeError:
-                    pass
-            return {"b64": base64.b64encode(item).decode("ascii")}
-
-        return np.frompyfunc(encode, 1, 1)(array).tolist() if array.ndim else encode(array.item())
+        return _encode_strings(array.tolist(), name.endswith("_bytes"))
     if array.dtype == np.float32:
         return _float32_to_float(array).tolist() if array.ndim else float(str(array))
     return array.tolist()
+
+
+def _encode_string(item: bytes, as_bytes: bool) -> Any:
+    if not as_bytes:
+        try:
+            return item.decode("utf-8")
+        except UnicodeDecodeError:
+            pass  # not text: sent as base64, as TF Serving does for bytes
+    return {"b64": base64.b64encode(item).decode("ascii")}
+
+
+def _encode_strings(value: Any, as_bytes: bool) -> Any:
+    if isinstance(value, list):
+        return [_encode_strings(item, as_bytes) for item in value]
+    return _encode_string(value, as_bytes)
 
 
 def _predictions(outputs: dict[str, np.ndarray]) -> list:
