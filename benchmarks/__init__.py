@@ -1,8 +1,9 @@
 """MaaS benchmarks: how long each pipeline stage takes, how good and how calibrated the model is, and how
-fast the model server answers.
+the served model holds up under load.
 
 ``python -m benchmarks`` (``make bench``) runs the library stages directly on a labeled review file, with a
-file store in a temporary directory (no Airflow, no PostgreSQL), then serves the exported model with
-:class:`serving.server.ModelServer` on loopback ports and times REST and gRPC predictions. It is a tool
-for people changing the pipeline, not part of the test suite.
+file store in a temporary directory (no Airflow, no PostgreSQL), then puts the exported model under load
+side by side: called in process, behind a plain Flask app, and behind the model server over REST and gRPC
+(:mod:`benchmarks.serving`), and judges the model server against its targets. It is a tool for people
+changing the pipeline or the server, not part of the test suite.
 """

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.serving import BATCH_SIZE, CLIENTS, LOAD_SECONDS, WARMUP_SECONDS
 from maas_tasks.config import project_root
 from maas_tasks.features import DEFAULT_MAX_TOKENS
 
@@ -25,12 +26,23 @@ def default_data_path() -> Path:
     return path if path.is_absolute() else project_root() / path
 
 
+def _client_counts(value: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in value.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a comma-separated list of client counts >= 1, e.g. 1,8,64")
+    return counts
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     """The command line."""
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="Time every pipeline stage, measure the model's accuracy and calibration, and time "
-        "REST and gRPC predictions, on a labeled review file (no Airflow or PostgreSQL needed).",
+        description="Time every pipeline stage, measure the model's accuracy and calibration, and put the "
+        "served model under load (in process, behind Flask, behind the model server over REST and gRPC), "
+        "on a labeled review file (no Airflow or PostgreSQL needed).",
     )
     parser.add_argument(
         "--data", type=Path, help=f"CSV/TSV/Parquet file with text, label and movie_id columns (default: ${DATA_ENV} "
@@ -41,9 +53,15 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=5, help="training epochs (default: the DAG's, %(default)s)")
     parser.add_argument("--batch-size", type=int, default=512, help="texts featurised at a time in training (default %(default)s)")
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="vocabulary size (default %(default)s)")
-    parser.add_argument("--single-requests", type=int, default=300, help="one-text predict requests per API")
-    parser.add_argument("--batch-requests", type=int, default=50, help="batch predict requests per API")
-    parser.add_argument("--request-batch-size", type=int, default=64, help="texts per batch request")
+    parser.add_argument(
+        "--clients", type=_client_counts, default=CLIENTS, metavar="N,N,...",
+        help=f"concurrent clients of each load cell (default {','.join(map(str, CLIENTS))})",
+    )
+    parser.add_argument("--request-batch-size", type=int, default=BATCH_SIZE, help="texts per batch request (default %(default)s)")
+    parser.add_argument("--load-seconds", type=float, default=LOAD_SECONDS, help="counted seconds of each load cell (default %(default)s)")
+    parser.add_argument(
+        "--warmup-seconds", type=float, default=WARMUP_SECONDS, help="uncounted seconds before each load cell (default %(default)s)"
+    )
     return parser
 
 
@@ -65,16 +83,17 @@ def run_benchmark(args: argparse.Namespace, data_path: Path) -> dict[str, Any]:
             batch_size=args.batch_size,
         )
         export_prefix, eval_texts = pipeline.pop("export_prefix"), pipeline.pop("eval_texts")
-        serving = measure_serving(
+        load = measure_serving(
             store,
             export_prefix,
             eval_texts,
             model_name=MODEL_NAME,
-            single_requests=args.single_requests,
-            batch_requests=args.batch_requests,
+            clients=args.clients,
             batch_size=args.request_batch_size,
+            seconds=args.load_seconds,
+            warmup_seconds=args.warmup_seconds,
         )
-        serving["memory"] = measure_serving_memory(store, export_prefix, eval_texts, model_name=MODEL_NAME)
+        serving = {"load": load, "memory": measure_serving_memory(store, export_prefix, eval_texts, model_name=MODEL_NAME)}
     return {
         "data": str(data_path),
         "settings": {k: v for k, v in vars(args).items() if k not in ("data", "out")},

@@ -1,5 +1,5 @@
 """Numbers the benchmark reports beyond :func:`maas_tasks.evaluate.compute_metrics`: a fuller picture of
-calibration (users read a score as a probability) and latency percentiles."""
+calibration (users read a score as a probability), and throughput and latency percentiles under load."""
 
 from __future__ import annotations
 
@@ -27,25 +27,32 @@ def calibration_summary(scores: np.ndarray, labels: np.ndarray) -> dict[str, flo
     }
 
 
-def latency_summary(seconds: Sequence[float], *, texts_per_request: int = 1) -> dict[str, Any]:
-    """Percentiles (ms) and sequential throughput of request latencies measured one after another.
+def load_summary(
+    seconds: Sequence[float], *, window_seconds: float, texts_per_request: int, errors: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """Throughput and latency percentiles of the requests that completed inside one timed window of a load run.
+
+    Throughput is over the window's wall time, not the sum of the latencies, since with several clients
+    requests overlap. Every failed request counts in ``errors``, wherever it happened, and in nothing else.
 
     Returns:
-        ``requests``, ``p50_ms``, ``p95_ms``, ``p99_ms``, ``mean_ms``, ``max_ms``, ``requests_per_s``
-        and ``texts_per_s`` (throughput of one client sending the requests back to back).
+        ``requests`` (successful, in the window), ``errors`` and ``error_kinds`` ({kind: count}),
+        ``window_seconds``, ``requests_per_s``, ``texts_per_s``, ``p50_ms``, ``p99_ms`` and ``mean_ms``
+        (the latencies are None when no request succeeded).
     """
-    values = np.asarray(seconds, dtype=np.float64)
-    if values.size == 0:
-        raise ValueError("no latencies to summarise: send at least one request")
-    total = float(values.sum())
-    p50, p95, p99 = np.percentile(values, [50, 95, 99]) * 1000
+    if window_seconds <= 0:
+        raise ValueError(f"window_seconds={window_seconds} must be positive")
+    values = np.asarray(seconds, dtype=np.float64) * 1000
+    kinds = {kind: int(n) for kind, n in sorted((errors or {}).items()) if n}
+    p50, p99, mean = (float(v) for v in (*np.percentile(values, [50, 99]), values.mean())) if values.size else (None,) * 3
     return {
         "requests": int(values.size),
-        "p50_ms": float(p50),
-        "p95_ms": float(p95),
-        "p99_ms": float(p99),
-        "mean_ms": float(values.mean() * 1000),
-        "max_ms": float(values.max() * 1000),
-        "requests_per_s": values.size / total,
-        "texts_per_s": values.size * texts_per_request / total,
+        "errors": sum(kinds.values()),
+        "error_kinds": kinds,
+        "window_seconds": float(window_seconds),
+        "requests_per_s": values.size / window_seconds,
+        "texts_per_s": values.size * texts_per_request / window_seconds,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "mean_ms": mean,
     }

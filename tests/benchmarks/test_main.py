@@ -8,6 +8,7 @@ import pytest
 
 from benchmarks.__main__ import main
 from benchmarks.pipeline import STAGES
+from benchmarks.serving import ROWS
 from maas_tasks.sample_data import generate_reviews
 
 
@@ -24,7 +25,7 @@ def test_benchmark_runs_end_to_end_on_generated_reviews(tmp_path, capsys):
     generate_reviews(300, seed=2).to_csv(data, index=False)
     out = tmp_path / "result" / "bench.json"
     args = ["--data", str(data), "--out", str(out), "--epochs", "2", "--max-tokens", "2000",
-            "--single-requests", "5", "--batch-requests", "2", "--request-batch-size", "8"]
+            "--clients", "1,4", "--load-seconds", "0.3", "--warmup-seconds", "0.1", "--request-batch-size", "8"]
     assert main(args) == 0
 
     result = json.loads(out.read_text())
@@ -34,14 +35,21 @@ def test_benchmark_runs_end_to_end_on_generated_reviews(tmp_path, capsys):
     assert pipeline["rows"]["train"] + pipeline["rows"]["eval"] == 300
     metrics = pipeline["metrics"]
     assert metrics["accuracy"] > 0.6 and 0 < metrics["log_loss"] < 1 and 0 <= metrics["ece"] <= 1
-    for api in ("rest", "grpc"):
-        assert serving[api]["single"]["requests"] == 5 and serving[api]["batch"]["requests"] == 2
-        assert serving[api]["batch"]["texts_per_s"] == pytest.approx(8 * serving[api]["batch"]["requests_per_s"])
-        assert 0 < serving[api]["single"]["p50_ms"] <= serving[api]["single"]["p99_ms"]
+    load = serving["load"]
+    assert list(load["rows"]) == list(ROWS) and load["batching"] is True
+    for row, cells in load["rows"].items():
+        assert [(c["batch_size"], c["clients"]) for c in cells] == [(1, 1), (1, 4), (8, 1), (8, 4)], row
+        assert all(c["requests"] > 0 and c["errors"] == 0 for c in cells), (row, cells)
+        assert all(0 < c["p50_ms"] <= c["p99_ms"] for c in cells)
+        assert cells[2]["texts_per_s"] == pytest.approx(8 * cells[2]["requests_per_s"])
+    targets = {t["target"].split(",")[0]: t["passed"] for t in load["targets"]}
+    assert targets["no failed requests"] is True
+    assert targets["REST texts/s"] is None  # needs 64 clients
     memory = serving["memory"]
     assert memory["batch_size"] == 256 and memory["loaded"]["rss_mb"] > 100  # TensorFlow alone is more
     assert memory["after_batches"]["peak_rss_mb"] >= memory["loaded"]["rss_mb"] and memory["batch_seconds"] > 0
     report = capsys.readouterr().out
-    assert "grpc batch" in report and "ece (10 bins)" in report and f"result written to {out}" in report
+    assert "model server, gRPC" in report and "serving targets (2-core machine):" in report
+    assert "ece (10 bins)" in report and f"result written to {out}" in report
     assert "raw file to trained model (ingest to train): " in report
     assert "serving memory (own process, REST batches of 256 of the longest reviews" in report

@@ -1,11 +1,11 @@
-"""Tests of the benchmark's calibration and latency figures."""
+"""Tests of the benchmark's calibration and load figures."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from benchmarks.metrics import calibration_summary, expected_calibration_error, latency_summary
+from benchmarks.metrics import calibration_summary, expected_calibration_error, load_summary
 
 
 def test_ece_is_zero_when_confidence_matches_accuracy_and_large_when_saturated():
@@ -20,13 +20,13 @@ def test_ece_is_zero_when_confidence_matches_accuracy_and_large_when_saturated()
     assert calibration_summary(calibrated, labels)["saturated"] == 0.0
 
 
-def test_latency_summary():
-    summary = latency_summary([0.001 * i for i in range(1, 101)], texts_per_request=4)
-    assert summary["requests"] == 100
-    assert summary["p50_ms"] == pytest.approx(50.5)
-    assert summary["p99_ms"] == pytest.approx(99.01)
-    assert summary["max_ms"] == pytest.approx(100.0)
-    assert summary["requests_per_s"] == pytest.approx(100 / 5.05)
-    assert summary["texts_per_s"] == pytest.approx(4 * 100 / 5.05)
-    with pytest.raises(ValueError, match="at least one request"):
-        latency_summary([])
+def test_load_summary_is_throughput_over_the_window():
+    # Four clients' requests overlapped: 40 answers of 10 ms in a 0.1 s window.
+    summary = load_summary([0.01] * 40, window_seconds=0.1, texts_per_request=32, errors={"HTTP 500": 2, "timeout": 0})
+    assert summary["requests"] == 40 and summary["errors"] == 2 and summary["error_kinds"] == {"HTTP 500": 2}
+    assert summary["requests_per_s"] == pytest.approx(400) and summary["texts_per_s"] == pytest.approx(12800)
+    assert summary["p50_ms"] == pytest.approx(10) and summary["p99_ms"] == pytest.approx(10)
+    nothing = load_summary([], window_seconds=1.0, texts_per_request=1, errors={"connect: ConnectionRefusedError": 5})
+    assert nothing["requests"] == 0 and nothing["p50_ms"] is None and nothing["texts_per_s"] == 0 and nothing["errors"] == 5
+    with pytest.raises(ValueError, match="positive"):
+        load_summary([0.01], window_seconds=0, texts_per_request=1)
