@@ -69,7 +69,9 @@ def format_targets(targets: list[dict[str, Any]]) -> str:
 def _load_heading(load: dict[str, Any]) -> str:
     settings, ready = load["settings"], load["ready_seconds"]
     if load["batching"]:
-        parameters = ", ".join(line.strip() for line in load["batching_parameters"].splitlines())
+        parameters = ", ".join(
+            line.strip() for line in load["batching_parameters"].splitlines() if line.strip() and not line.startswith("#")
+        )
         batching = f"with --enable_batching ({parameters})"
     else:
         batching = "WITHOUT server-side batching (it does not accept --enable_batching yet)"

@@ -315,6 +315,10 @@ class LoadOptions:
     inter_op_threads: int = 0
     warmup: bool = True
     warmup_iterations: int = 1
+    # Grappler (TensorFlow's graph optimizer) rewrites the whole imported graph when the session first runs
+    # it: for the exported text models that cost ~340 MB of memory and made runs no faster, so it is off
+    # unless asked for (--enable_grappler).
+    grappler: bool = False
 
 
 _load_lock = threading.Lock()
@@ -334,6 +338,7 @@ def load_servable(name: str, version: int, path: Path, options: LoadOptions | No
         inter_op_parallelism_threads=options.inter_op_threads,
         allow_soft_placement=True,
     )
+    config.graph_options.rewrite_options.disable_meta_optimizer = not options.grappler
     graph = tf.Graph()
     session = tf.compat.v1.Session(graph=graph, config=config)
     try:
@@ -344,6 +349,14 @@ def load_servable(name: str, version: int, path: Path, options: LoadOptions | No
             key: _make_signature(key, definition, session, graph, name, version)
             for key, definition in meta_graph.signature_def.items()
         }
+        # Keep what GetModelMetadata reports, not the whole MetaGraphDef: its GraphDef (with any constants
+        # in it) is already held by the session's graph, and a second copy costs as much memory again.
+        # TF Serving trims it too (remove_unused_fields_from_bundle_metagraph).
+        slim = meta_graph_pb2.MetaGraphDef()
+        slim.meta_info_def.CopyFrom(meta_graph.meta_info_def)
+        for key, definition in meta_graph.signature_def.items():
+            slim.signature_def[key].CopyFrom(definition)
+        meta_graph = slim
     except BaseException:
         session.close()
         raise

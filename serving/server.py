@@ -688,6 +688,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     add("--tensorflow_session_parallelism", type=int, default=0, help="sets both parallelism values when above 0")
     add("--enable_model_warmup", type=_flag_bool, nargs="?", const=True, default=True, help="replay warm-up requests")
     add("--num_request_iterations_for_warmup", type=int, default=1, help="times each warm-up request runs")
+    add("--enable_grappler", type=_flag_bool, nargs="?", const=True, default=False,
+        help="MaaS: let TensorFlow's graph optimizer rewrite each loaded graph (more memory; off by default)")
     add("--grpc_channel_arguments", default="", help="comma-separated key=value gRPC server arguments")
     add("--grpc_max_threads", type=int, default=FrontEndOptions.grpc_max_threads, help="gRPC server threads")
     add("--enable_signature_method_name_check", type=_flag_bool, nargs="?", const=True, default=False,
@@ -778,6 +780,7 @@ def server_from_args(args: argparse.Namespace) -> ModelServer:
             inter_op_threads=inter,
             warmup=args.enable_model_warmup,
             warmup_iterations=args.num_request_iterations_for_warmup,
+            grappler=args.enable_grappler,
         ),
         front_end=front_end,
     )
