@@ -101,11 +101,7 @@ def predict_with(servable: Servable, request: predict_pb2.PredictRequest) -> pre
             (INVALID_ARGUMENT), or the graph's own error.
     """
     signature, values, aliases = prepare_predict(servable, request)
-    if signature.batcher is not None:
-        outputs = signature.batcher(signature, values, aliases)
-    else:
-        outputs = signature.run_session(values, aliases)
-    return predict_response(request, servable, signature, outputs)
+    return predict_response(request, servable, signature, signature.execute(values, aliases))
 
 
 def prepare_predict(

@@ -487,8 +487,6 @@ class _Connection(asyncio.Protocol):
     def _close_idle(self) -> None:
         if not self._busy and self._current is None:
             self._close()
-        elif self._busy:
-            self._cancel_timer()
 
     def _close_slow(self) -> None:
         if self._current is not None and not self._refusing:

@@ -335,11 +335,7 @@ def predict_json(servable: Servable, request: dict) -> dict:
         ServingError: unknown signature, a malformed body, or inputs the graph rejects.
     """
     call = prepare_predict(servable, request)
-    if call.signature.batcher is not None:
-        outputs = call.signature.batcher(call.signature, call.values, call.aliases)
-    else:
-        outputs = call.signature.run_session(call.values, call.aliases)
-    return predict_response(call, outputs)
+    return predict_response(call, call.signature.execute(call.values, call.aliases))
 
 
 def predict_response(call: PredictCall, outputs: dict[str, np.ndarray]) -> dict:
@@ -454,12 +450,18 @@ def _json_float(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def classify_json(servable: Servable, request: dict, model_name: str) -> dict:
-    """Answer a parsed REST classify body: ``{"results": [[[label, score], ...], ...]}``."""
-    proto = classification_pb2.ClassificationRequest()
+def _examples_request(proto_class: type, request: dict, model_name: str, method: str):
+    """The ClassificationRequest/RegressionRequest a REST classify/regress body describes."""
+    proto = proto_class()
     proto.model_spec.name = model_name
     proto.model_spec.signature_name = _signature_name(request)
-    proto.input.CopyFrom(input_from_json(request, "classify"))
+    proto.input.CopyFrom(input_from_json(request, method))
+    return proto
+
+
+def classify_json(servable: Servable, request: dict, model_name: str) -> dict:
+    """Answer a parsed REST classify body: ``{"results": [[[label, score], ...], ...]}``."""
+    proto = _examples_request(classification_pb2.ClassificationRequest, request, model_name, "classify")
     response = inference.classify_with(servable, proto)
     if not response.result.classifications:
         raise _invalid("Cannot convert empty ClassificationResults to JSON")
@@ -473,10 +475,7 @@ def classify_json(servable: Servable, request: dict, model_name: str) -> dict:
 
 def regress_json(servable: Servable, request: dict, model_name: str) -> dict:
     """Answer a parsed REST regress body: ``{"results": [value, ...]}``."""
-    proto = regression_pb2.RegressionRequest()
-    proto.model_spec.name = model_name
-    proto.model_spec.signature_name = _signature_name(request)
-    proto.input.CopyFrom(input_from_json(request, "regress"))
+    proto = _examples_request(regression_pb2.RegressionRequest, request, model_name, "regress")
     response = inference.regress_with(servable, proto)
     if not response.result.regressions:
         raise _invalid("Cannot convert empty RegressionResults to JSON")

@@ -222,7 +222,14 @@ class Signature:
             ServingError: INVALID_ARGUMENT for missing/extra inputs or a bad output filter; the
                 TensorFlow error's code and message when the graph rejects the inputs.
         """
-        values, aliases = self.prepare(inputs, output_filter)
+        return self.execute(*self.prepare(inputs, output_filter))
+
+    def execute(self, values: dict[str, np.ndarray], aliases: list[str]) -> dict[str, np.ndarray]:
+        """Run prepared ``values`` (see :meth:`prepare`): within a batch when batching is on, else alone.
+
+        Raises:
+            ServingError: the batch queue refuses the request, or the run's TensorFlow status.
+        """
         if self.batcher is not None:
             return self.batcher(self, values, aliases)
         return self.run_session(values, aliases)
@@ -259,14 +266,15 @@ class Signature:
         Raises:
             ServingError: the run's TensorFlow status.
         """
-        missing = [a for a in (*inputs, *aliases) if (self.feeds.get(a) if a in inputs else self.fetches.get(a)) is None]
-        if missing:
-            raise invalid_argument(f"signature {self.name!r} has no tensor for {', '.join(missing)}: it cannot be run")
         feeds = {self.feeds[alias]: value for alias, value in inputs.items()}
+        fetches = [self.fetches[alias] for alias in aliases]
+        if None in feeds or None in fetches:
+            missing = [a for a in inputs if self.feeds[a] is None] + [a for a in aliases if self.fetches[a] is None]
+            raise invalid_argument(f"signature {self.name!r} has no tensor for {', '.join(missing)}: it cannot be run")
         try:
             # The private entry point is the C API's Session::Run: Python's Session.run would reject a
             # feed whose shape differs from the placeholder's, which TF Serving (C++) feeds as is.
-            results = self.session._call_tf_sessionrun(None, feeds, [self.fetches[a] for a in aliases], [], None)
+            results = self.session._call_tf_sessionrun(None, feeds, fetches, [], None)
         except tf.errors.OpError as exc:
             raise ServingError(status_code_from_number(exc.error_code), exc.message) from None
         except (TypeError, ValueError) as exc:

@@ -43,6 +43,9 @@ class EchoSignature:
     def run_session(self, values, aliases):
         return {f"out_{k}": v for k, v in values.items()}
 
+    def execute(self, values, aliases):
+        return self.run_session(values, aliases)
+
 
 class EchoServable:
     version = 1
