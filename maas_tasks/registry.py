@@ -24,7 +24,7 @@ import hashlib
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
 from typing import Any
@@ -114,6 +114,27 @@ class Snapshot:
     columns: list[str]
     metadata: dict[str, Any]
     created_at: datetime
+    source_uri: str | None = None
+    schema: dict[str, Any] = field(default_factory=dict)
+    validation: dict[str, Any] = field(default_factory=dict)
+    validation_uri: str | None = None
+    docs_uri: str | None = None
+    quarantine_uri: str | None = None
+    quarantined_rows: int = 0
+    drift: dict[str, Any] = field(default_factory=dict)
+    drift_uri: str | None = None
+    watermark: str | None = None
+
+
+_SNAPSHOT_COLUMNS = (
+    "id, uri, sha256, rows, source, columns, metadata, created_at, source_uri, schema, validation, validation_uri,"
+    " docs_uri, quarantine_uri, quarantined_rows, drift, drift_uri, watermark"
+)
+# What set_snapshot_reports may set, and how each value is stored.
+_SNAPSHOT_REPORTS = {
+    "validation": Json, "validation_uri": str, "docs_uri": str, "quarantine_uri": str, "quarantined_rows": int,
+    "drift": Json, "drift_uri": str,
+}
 
 
 @dataclass(frozen=True)
@@ -331,30 +352,57 @@ class Registry:
         source: str,
         metadata: dict[str, Any] | None = None,
         columns: list[str] | None = None,
+        *,
+        source_uri: str | None = None,
+        schema: dict[str, Any] | None = None,
+        watermark: tuple[str, str] | None = None,
     ) -> int:
         """Record a data snapshot; recording the same content (``sha256``) again returns the first id.
 
+        ``source_uri`` names where the rows came from (a file, a directory, ``s3://...``, a PostgreSQL
+        table): the snapshots of one source are its batches (:meth:`list_snapshots`). ``watermark``
+        (column, highest value in the snapshot) moves that source's watermark forward in the same
+        transaction, so a crash never records rows as read without their snapshot.
+
         Raises:
-            RegistryError: ``sha256`` is not 64 lowercase hex digits, or ``rows`` is negative.
+            RegistryError: ``sha256`` is not 64 lowercase hex digits, ``rows`` is negative, or a
+                watermark is given without a ``source_uri``.
         """
         if not re.fullmatch(r"[0-9a-f]{64}", sha256):
             raise RegistryError(f"sha256 {sha256!r} is not 64 lowercase hex digits (storage.sha256_file gives one)")
         if rows < 0:
             raise RegistryError(f"rows={rows} is negative for snapshot {uri}")
+        if watermark is not None and not source_uri:
+            raise RegistryError(f"snapshot {uri}: a watermark needs the source_uri it belongs to")
         with self._transaction() as cur:
             cur.execute(
-                "INSERT INTO data_snapshots (uri, sha256, rows, source, columns, metadata)"
-                " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (sha256) DO NOTHING RETURNING id",
-                (uri, sha256, rows, source, Json(columns or []), Json(metadata or {})),
+                "INSERT INTO data_snapshots (uri, sha256, rows, source, columns, metadata, source_uri, schema, watermark)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (sha256) DO NOTHING RETURNING id",
+                (uri, sha256, rows, source, Json(columns or []), Json(metadata or {}), source_uri, Json(schema or {}),
+                 watermark[1] if watermark else None),
             )
             inserted = cur.fetchone()
             if inserted is None:
                 cur.execute("SELECT id FROM data_snapshots WHERE sha256 = %s", (sha256,))
                 return cur.fetchone()[0]
+            if watermark is not None:
+                cur.execute(
+                    "INSERT INTO source_watermarks (source_uri, column_name, value, snapshot_id) VALUES (%s, %s, %s, %s)"
+                    " ON CONFLICT (source_uri) DO UPDATE SET column_name = EXCLUDED.column_name,"
+                    " value = EXCLUDED.value, snapshot_id = EXCLUDED.snapshot_id, updated_at = now()",
+                    (source_uri, watermark[0], watermark[1], inserted[0]),
+                )
             self._insert_event(
-                cur, "snapshot_recorded", detail={"snapshot_id": inserted[0], "uri": uri, "sha256": sha256}
+                cur, "snapshot_recorded",
+                detail={"snapshot_id": inserted[0], "uri": uri, "sha256": sha256, "source_uri": source_uri,
+                        "watermark": list(watermark) if watermark else None},
             )
             return inserted[0]
+
+    def _select_snapshots(self, where: str, params: tuple[Any, ...]) -> list[Snapshot]:
+        with self._transaction() as cur:
+            cur.execute(f"SELECT {_SNAPSHOT_COLUMNS} FROM data_snapshots {where}", params)
+            return [Snapshot(*row) for row in cur.fetchall()]
 
     def get_snapshot(self, snapshot_id: int) -> Snapshot:
         """The snapshot with ``snapshot_id``.
@@ -362,16 +410,59 @@ class Registry:
         Raises:
             RegistryError: there is none.
         """
+        found = self._select_snapshots("WHERE id = %s", (snapshot_id,))
+        if not found:
+            raise RegistryError(f"no data snapshot with id {snapshot_id} in the registry")
+        return found[0]
+
+    def find_snapshot(self, sha256: str) -> Snapshot | None:
+        """The snapshot of content ``sha256``, if one was recorded."""
+        found = self._select_snapshots("WHERE sha256 = %s", (sha256,))
+        return found[0] if found else None
+
+    def list_snapshots(self, source_uri: str | None = None, *, last: int | None = None) -> list[Snapshot]:
+        """Recorded snapshots, oldest first: every one, or the batches of ``source_uri`` (only the newest
+        ``last`` of them when given)."""
+        where, params = ("WHERE source_uri = %s", (source_uri,)) if source_uri is not None else ("", ())
+        if last is not None:
+            if last < 1:
+                raise RegistryError(f"last={last}: the window must hold at least one batch")
+            inner = f"SELECT id FROM data_snapshots {where} ORDER BY id DESC LIMIT %s"
+            return self._select_snapshots(f"WHERE id IN ({inner}) ORDER BY id", (*params, last))
+        return self._select_snapshots(f"{where} ORDER BY id", params)
+
+    def set_snapshot_reports(self, snapshot_id: int, **reports: Any) -> None:
+        """Attach reports to a snapshot: ``validation`` (the summary), ``validation_uri`` (the result JSON),
+        ``docs_uri`` (the Data Docs page), ``quarantine_uri``, ``quarantined_rows``, ``drift`` (its summary),
+        ``drift_uri``. Setting one again replaces it (a retried task writes the same values).
+
+        Raises:
+            RegistryError: an unknown report name, or no such snapshot.
+        """
+        unknown = sorted(set(reports) - set(_SNAPSHOT_REPORTS))
+        if unknown:
+            raise RegistryError(f"unknown snapshot report(s) {', '.join(unknown)}; known: {', '.join(_SNAPSHOT_REPORTS)}")
+        if not reports:
+            return
+        names = sorted(reports)
+        values = [None if reports[n] is None else _SNAPSHOT_REPORTS[n](reports[n]) for n in names]
         with self._transaction() as cur:
             cur.execute(
-                "SELECT id, uri, sha256, rows, source, columns, metadata, created_at FROM data_snapshots"
-                " WHERE id = %s",
-                (snapshot_id,),
+                f"UPDATE data_snapshots SET {', '.join(f'{n} = %s' for n in names)} WHERE id = %s RETURNING id",
+                (*values, snapshot_id),
             )
+            if cur.fetchone() is None:
+                raise RegistryError(f"no data snapshot with id {snapshot_id} in the registry")
+            self._insert_event(
+                cur, "snapshot_reports", detail={"snapshot_id": snapshot_id, **{n: reports[n] for n in names if n.endswith("uri")}}
+            )
+
+    def get_watermark(self, source_uri: str) -> tuple[str, str] | None:
+        """The (column, value) watermark recorded for ``source_uri``: its rows up to value are ingested."""
+        with self._transaction() as cur:
+            cur.execute("SELECT column_name, value FROM source_watermarks WHERE source_uri = %s", (source_uri,))
             row = cur.fetchone()
-        if row is None:
-            raise RegistryError(f"no data snapshot with id {snapshot_id} in the registry")
-        return Snapshot(*row)
+        return (row[0], row[1]) if row else None
 
     def register_version(
         self,

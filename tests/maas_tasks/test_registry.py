@@ -23,6 +23,7 @@ from tests.fixtures.postgres import find_free_port
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64
+SHA_C = "c" * 64
 
 
 @pytest.fixture
@@ -108,6 +109,44 @@ def test_record_snapshot_is_idempotent_on_content(registry):
     assert (snapshot.uri, snapshot.rows, snapshot.source) == ("file:///store/snapshots/a.csv", 120, "sample")
     assert snapshot.columns == ["text", "label"] and snapshot.metadata == {"labels": 2}
     assert len(registry.list_events(kind="snapshot_recorded")) == 2
+
+
+def test_snapshots_of_a_source_are_its_batches_with_a_watermark(registry):
+    source = "postgresql://db/reviews"
+    assert registry.get_watermark(source) is None
+    first = registry.record_snapshot("file:///s/a", SHA_A, 10, "reviews", source_uri=source,
+                                     schema={"text": "string"}, watermark=("updated_at", "2026-01-01"))
+    registry.record_snapshot("file:///s/other", SHA_B, 3, "other.csv", source_uri="file:///other.csv")
+    second = registry.record_snapshot("file:///s/b", SHA_C, 4, "reviews", source_uri=source,
+                                      watermark=("updated_at", "2026-02-01"))
+    assert registry.get_watermark(source) == ("updated_at", "2026-02-01")
+    assert [s.id for s in registry.list_snapshots(source)] == [first, second]
+    assert [s.id for s in registry.list_snapshots(source, last=1)] == [second]
+    assert len(registry.list_snapshots()) == 3
+    got = registry.get_snapshot(first)
+    assert (got.source_uri, got.schema, got.watermark) == (source, {"text": "string"}, "2026-01-01")
+    # Recording the same content again neither adds a batch nor moves the watermark back.
+    assert registry.record_snapshot("file:///s/a", SHA_A, 10, "reviews", source_uri=source,
+                                    watermark=("updated_at", "2026-01-01")) == first
+    assert registry.get_watermark(source) == ("updated_at", "2026-02-01")
+    assert registry.find_snapshot(SHA_B).source == "other.csv" and registry.find_snapshot("f" * 64) is None
+    with pytest.raises(RegistryError, match="needs the source_uri"):
+        registry.record_snapshot("file:///s/c", "c" * 64, 1, "x", watermark=("id", "3"))
+
+
+def test_snapshot_reports_are_recorded_and_replaced(registry):
+    snapshot_id = registry.record_snapshot("file:///s/a", SHA_A, 10, "a.csv")
+    registry.set_snapshot_reports(snapshot_id, validation={"success": True}, docs_uri="file:///d/index.html",
+                                  quarantine_uri="file:///q.parquet", quarantined_rows=2)
+    registry.set_snapshot_reports(snapshot_id, quarantined_rows=3, drift={"flagged": False}, drift_uri="file:///drift.json")
+    got = registry.get_snapshot(snapshot_id)
+    assert (got.validation, got.docs_uri, got.quarantine_uri, got.quarantined_rows) == (
+        {"success": True}, "file:///d/index.html", "file:///q.parquet", 3)
+    assert (got.drift, got.drift_uri) == ({"flagged": False}, "file:///drift.json")
+    with pytest.raises(RegistryError, match="unknown snapshot report"):
+        registry.set_snapshot_reports(snapshot_id, colour="red")
+    with pytest.raises(RegistryError, match="no data snapshot with id 999"):
+        registry.set_snapshot_reports(999, quarantined_rows=1)
 
 
 def test_record_snapshot_rejects_bad_hash(registry):
