@@ -20,8 +20,15 @@ DEFAULT_AIRFLOW_PORT = 8080
 DEVICE_CHOICES = ("auto", "cpu", "gpu")
 # The model servers serve a model's canary as "<name>__canary" (serving.sync): names ending so are taken.
 RESERVED_MODEL_SUFFIX = "__canary"
+# A model's directory sits beside files the serving side owns (models.config, its .lock, temporary
+# .tmp-* files): a name ending like those would collide with them at promotion.
+RESERVED_MODEL_ENDINGS = (".config", ".lock", ".tmp")
 # A model name is a directory on the serving volume and a key prefix in the store: keep it portable.
-MODEL_NAME_PATTERN = rf"^(?!.*{RESERVED_MODEL_SUFFIX}$)[A-Za-z0-9][A-Za-z0-9_.-]{{0,63}}$"
+MODEL_NAME_PATTERN = (
+    rf"^(?!.*{RESERVED_MODEL_SUFFIX}$)(?!.*\.(?:config|lock|tmp)$)[A-Za-z0-9][A-Za-z0-9_.-]{{0,63}}$"
+)
+# --label-map / the label_map Param: "raw=name" pairs, comma-separated.
+LABEL_MAP_EXAMPLE = "0=negative,1=positive"
 
 
 class ConfigError(ValueError):
@@ -108,12 +115,41 @@ def check_model_name(name: str, source: str = "model name") -> str:
             f"{source} {name!r} ends with {RESERVED_MODEL_SUFFIX!r}, which the model servers use for canaries; "
             "choose another name"
         )
+    if name.lower().endswith(RESERVED_MODEL_ENDINGS):
+        raise ConfigError(
+            f"{source} {name!r} ends with {name[name.rindex('.'):]!r}, like the files the model servers keep beside "
+            "the model directories (models.config and its lock); choose another name"
+        )
     if not re.fullmatch(MODEL_NAME_PATTERN, name):
         raise ConfigError(
             f"{source} {name!r} is not a valid model name: use 1 to 64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit (e.g. sentiment or reviews-v2)"
         )
     return name
+
+
+def parse_label_map(text: str | None, source: str = "--label-map") -> dict[str, str] | None:
+    """``"0=negative,1=positive"`` as ``{"0": "negative", "1": "positive"}`` (None or blank: None).
+
+    Raw values are the labels as written in the data (compared as class names, so ``1.0`` is ``1``); two raw
+    values may name one class, and the classes (at least two) are what the served model answers.
+
+    Raises:
+        ConfigError: a pair is not ``raw=name``, a raw value repeats, a name is blank, or there is one class.
+    """
+    if text is None or not text.strip():
+        return None
+    mapping: dict[str, str] = {}
+    for pair in text.split(","):
+        raw, sep, name = (part.strip() for part in pair.partition("="))
+        if not sep or not raw or not name:
+            raise ConfigError(f"{source} {text!r}: {pair.strip()!r} is not RAW=NAME (e.g. {LABEL_MAP_EXAMPLE})")
+        if raw in mapping:
+            raise ConfigError(f"{source} {text!r}: the label {raw!r} is mapped twice; map each raw label once")
+        mapping[raw] = name
+    if len(set(mapping.values())) < 2:
+        raise ConfigError(f"{source} {text!r} names one class; a classifier needs at least two (e.g. {LABEL_MAP_EXAMPLE})")
+    return mapping
 
 
 def _batching_setting(env: dict[str, str]) -> str:

@@ -61,6 +61,38 @@ def test_bad_model_names_say_what_a_name_may_hold(name):
         load_settings({"MAAS_MODEL_NAME": name})
 
 
+@pytest.mark.parametrize("name", ["models.config", "models.config.lock", "Sentiment.CONFIG", "x.tmp"])
+def test_names_that_would_collide_with_the_serving_side_files_are_refused(name):
+    import re
+
+    from maas_tasks.config import MODEL_NAME_PATTERN
+
+    with pytest.raises(ConfigError, match=r"like the files the model servers keep .* choose another name"):
+        check_model_name(name, "--model")
+    assert not re.fullmatch(MODEL_NAME_PATTERN, name.lower())  # the DAG Param's pattern refuses it too
+
+
+def test_label_maps_parse_to_raw_label_and_class_name():
+    from maas_tasks.config import parse_label_map
+
+    assert parse_label_map(" 0 = negative, 1=positive ") == {"0": "negative", "1": "positive"}
+    assert parse_label_map("pos=positive,neg=negative,good=positive") == {
+        "pos": "positive", "neg": "negative", "good": "positive"}
+    assert parse_label_map(None) is None and parse_label_map("  ") is None
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("0=negative,1", "'1' is not RAW=NAME"), ("0=,1=positive", "'0=' is not RAW=NAME"),
+     ("0=a,0=b", "the label '0' is mapped twice"), ("0=same,1=same", "names one class")],
+)
+def test_bad_label_maps_say_what_is_wrong(text, message):
+    from maas_tasks.config import parse_label_map
+
+    with pytest.raises(ConfigError, match=message):
+        parse_label_map(text)
+
+
 def test_settings_survive_the_trip_through_a_child_process_environment(tmp_path):
     from maas_tasks.config import settings_environment
 
