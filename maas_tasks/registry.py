@@ -457,6 +457,24 @@ class Registry:
                 cur, "snapshot_reports", detail={"snapshot_id": snapshot_id, **{n: reports[n] for n in names if n.endswith("uri")}}
             )
 
+    def mark_run_failed(self, dag_run_id: str, *, tasks: list[str], reason: str) -> list[int]:
+        """Record that a DAG run failed, and mark the snapshots it recorded (``metadata.dag_run_id``) with the
+        failure: their data passed validation and stay reusable, but nothing was trained from them by that run.
+
+        Returns:
+            The ids of the snapshots marked.
+        """
+        failure = {"dag_run_id": dag_run_id, "tasks": tasks, "reason": reason}
+        with self._transaction() as cur:
+            cur.execute(
+                "UPDATE data_snapshots SET metadata = metadata || jsonb_build_object('failed_run', %s::jsonb)"
+                " WHERE metadata->>'dag_run_id' = %s RETURNING id",
+                (Json(failure), dag_run_id),
+            )
+            marked = sorted(row[0] for row in cur.fetchall())
+            self._insert_event(cur, "run_failed", detail={**failure, "snapshots": marked})
+        return marked
+
     def get_watermark(self, source_uri: str) -> tuple[str, str] | None:
         """The (column, value) watermark recorded for ``source_uri``: its rows up to value are ingested."""
         with self._transaction() as cur:

@@ -149,6 +149,17 @@ def test_snapshot_reports_are_recorded_and_replaced(registry):
         registry.set_snapshot_reports(999, quarantined_rows=1)
 
 
+def test_a_failed_run_marks_the_snapshots_it_recorded(registry):
+    mine = registry.record_snapshot("file:///s/a", SHA_A, 10, "a.csv", {"dag_run_id": "run-7"})
+    other = registry.record_snapshot("file:///s/b", SHA_B, 10, "b.csv", {"dag_run_id": "run-8"})
+    assert registry.mark_run_failed("run-7", tasks=["build_features"], reason="too few rows") == [mine]
+    assert registry.get_snapshot(mine).metadata["failed_run"] == {
+        "dag_run_id": "run-7", "tasks": ["build_features"], "reason": "too few rows"}
+    assert "failed_run" not in registry.get_snapshot(other).metadata
+    (event,) = registry.list_events(kind="run_failed")
+    assert event.detail["snapshots"] == [mine] and event.detail["dag_run_id"] == "run-7"
+
+
 def test_record_snapshot_rejects_bad_hash(registry):
     with pytest.raises(RegistryError, match="64 lowercase hex"):
         registry.record_snapshot("file:///x.csv", "ABC", 1, "sample")
