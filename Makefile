@@ -23,7 +23,7 @@ demo: install postgres-server
 test: install-dev postgres-server browser
 	$(BIN)/python -m pytest -ra
 
-bench: install
+bench: install postgres-server
 	$(BIN)/python -m benchmarks
 
 install: $(RUNTIME_STAMP)

@@ -67,15 +67,16 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 def run_benchmark(args: argparse.Namespace, data_path: Path) -> dict[str, Any]:
     """Run both benchmarks on ``data_path`` in a throwaway file store; returns the JSON-ready result."""
-    from benchmarks.pipeline import MODEL_NAME, run_pipeline
+    from benchmarks.pipeline import MODEL_NAME, run_pipeline, throwaway_registry
     from benchmarks.serving import measure_serving, measure_serving_memory
     from maas_tasks.storage import FileStore
 
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="maas-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="maas-bench-") as tmp, throwaway_registry() as registry:
         store = FileStore(Path(tmp) / "store")
         pipeline = run_pipeline(
             store,
+            registry,
             data_path,
             group_col=args.group_col or None,
             max_tokens=args.max_tokens,

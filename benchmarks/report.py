@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from benchmarks.pipeline import DATA_STAGES, DATA_STAGES_TARGET_SECONDS
 from benchmarks.serving import IN_PROCESS_ROWS, ROW_LABELS, best_in_process
 
 # The stages from a raw file to a trained model (the "raw file → trained model" figure).
@@ -102,6 +103,16 @@ def format_report(result: dict[str, Any]) -> str:
     rows = pipeline["rows"]
     to_trained = sum(s["seconds"] for s in pipeline["stages"] if s["stage"] in TO_TRAINED_STAGES)
     sections = []
+    data_seconds = sum(s["seconds"] for s in pipeline["stages"] if s["stage"] in DATA_STAGES)
+    if data_seconds:
+        data = pipeline.get("data") or {}
+        splits = ", ".join(f"{name} {n}" for name, n in (data.get("splits") or {}).items())
+        verdict = "PASS" if data_seconds < DATA_STAGES_TARGET_SECONDS else "FAIL"
+        sections.append(
+            f"data stages ({' + '.join(DATA_STAGES)}, the split included): {data_seconds:.1f} s, target < "
+            f"{DATA_STAGES_TARGET_SECONDS:g} s: {verdict}; {data.get('quarantined', 0)} rows quarantined"
+            + (f"; splits {splits}" if splits else "")
+        )
     if pipeline.get("vocab_size"):
         sections.append(
             f"raw file to trained model (ingest to train): {to_trained:.1f} s; vocabulary {pipeline['vocab_size']:,} "

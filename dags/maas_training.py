@@ -5,11 +5,18 @@ Turns a labeled text file into a model served by TensorFlow Serving:
 
 ingest → validate → clean → features → train → evaluate → gate → export → promote
 
-* **ingest_data** stages an immutable Parquet snapshot of the file in the object store.
+* **ingest_data** reads the source (a CSV/TSV/JSON Lines/Parquet file, a directory or glob of them, an
+  `aclImdb` tree or tarball, an `s3://` prefix, or a PostgreSQL table or query read past its watermark) and
+  stages an immutable Parquet snapshot, addressed by its rows: data already ingested makes no new snapshot.
 * **validate_data** checks it with Great Expectations (its log lists every check, the rows and any
-  failure); bad data fails the run here and leaves no snapshot behind.
-* **clean_data**, **build_features** (train/held-out split; the vocabulary of 1- to 3-word n-grams and
-  their Naive-Bayes weights), **train_model** (L2-regularised softmax regression over sparse n-gram
+  failure; the result JSON and the Data Docs page go to the store and the registry). Bad rows go to a
+  quarantine file with their reasons and the run goes on while they are under *Quarantine limit*; bad
+  data fails the run here and leaves no snapshot behind.
+* **clean_data** (HTML, Unicode NFKC, whitespace, duplicates, the label map; a stable hash-based
+  train/validation/test split with a leakage check), **check_drift** (the new data against what the
+  serving model was trained on: labels, lengths, out-of-vocabulary rate), **build_features** (the
+  vocabulary of 1- to 3-word n-grams and their Naive-Bayes weights), **train_model** (L2-regularised
+  softmax regression over sparse n-gram
   features, fitted by L-BFGS; the features are computed inside the served graph, so the served model takes
   raw text; its log shows every epoch and when it stopped).
 * **evaluate_model** scores the model on the held-out split (its log shows the metrics, the confusion
@@ -46,13 +53,14 @@ from typing import Any
 from airflow.sdk import Param, dag, task
 from maas_timetables import NextSlotCronTimetable
 
-from maas_tasks.config import MODEL_NAME_PATTERN
+from maas_tasks.config import LABEL_MAP_EXAMPLE, MODEL_NAME_PATTERN
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(seconds=30), "owner": "maas"}
 DAGRUN_TIMEOUT_HOURS = 6
 EPOCHS_MAX = 50
+BATCH_WINDOW_MAX = 100
 BATCH_SIZES = (16, 32, 64, 128, 256, 512, 1024)
 VOCABULARY_SIZES = (500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000, 2_000_000)
 EVAL_FRACTION_RANGE = (0.05, 0.5)
@@ -81,12 +89,35 @@ def _fail_fast() -> Iterator[None]:
         raise AirflowFailException(str(exc)) from exc
 
 
+def _label_map(params: dict[str, Any]) -> dict[str, str] | None:
+    """The label_map Param as {raw label: class name} (a malformed one fails the task: a ConfigError is a
+    ValueError)."""
+    from maas_tasks.config import parse_label_map
+
+    return parse_label_map(params["label_map"], source="label_map")
+
+
 def _registry(settings: Any) -> Any:
     """A registry connection for a task, to use in a ``with`` block (closed at its end)."""
     from maas_tasks.postgres import registry_dsn
     from maas_tasks.registry import Registry
 
     return Registry.connect(registry_dsn(settings))
+
+
+def _record_failed_run(context: dict[str, Any]) -> None:
+    """When a run fails, say so in the registry and mark the snapshot it recorded, so nothing a failed run left
+    behind looks like the input of a trained model."""
+    dag_run = context["dag_run"]
+    failed = sorted(ti.task_id for ti in dag_run.get_task_instances() if str(ti.state).endswith("failed")
+                    and not str(ti.state).endswith("upstream_failed"))
+    reason = str(context.get("reason") or "a task failed")
+    settings, _ = _store()
+    try:
+        with _registry(settings) as registry:
+            registry.mark_run_failed(dag_run.run_id, tasks=failed, reason=reason)
+    except Exception:  # noqa: BLE001 - the run has failed already: a registry outage must not hide why
+        log.exception("could not record the failed run %s in the registry", dag_run.run_id)
 
 
 def training_params() -> dict[str, Param]:
@@ -108,14 +139,41 @@ def training_params() -> dict[str, Param]:
         "data_path": Param(
             None,
             type=["null", "string"],
-            title="Data file",
+            maxLength=2048,
+            title="Data source",
             description=(
-                "Path, on the machine that runs the tasks, of a CSV/TSV (plain or .gz) or Parquet file with one "
-                "labeled text per row, e.g. /opt/airflow/data/reviews.csv.gz. Leave empty to train on the bundled "
-                "sample of 400 movie reviews, maas_tasks/data/sample_reviews.csv in the MaaS package (click the "
-                "field to pick its full path)."
+                "Where the labeled texts are, as seen by the machine that runs the tasks: a CSV/TSV, JSON Lines "
+                "(plain or .gz) or Parquet file, e.g. /opt/airflow/data/reviews.csv.gz; a directory or glob of "
+                "them; an aclImdb directory or aclImdb_v1.tar.gz; an s3://bucket/prefix; or a PostgreSQL "
+                "postgresql://user@host/db?table=reviews. Leave empty to train on the bundled sample of 400 movie "
+                "reviews, maas_tasks/data/sample_reviews.csv in the MaaS package (click the field to pick its full "
+                "path)."
             ),
             examples=[sample],
+            section=data,
+        ),
+        "table_query": Param(
+            None, type=["null", "string"], maxLength=4096, title="SQL query",
+            description=(
+                "Optional, for a PostgreSQL source: the SELECT that gives the rows (instead of ?table=). Empty: the "
+                "whole table."
+            ),
+            section=data,
+        ),
+        "watermark_col": Param(
+            None, type=["null", "string"], maxLength=128, title="Watermark column",
+            description=(
+                "Optional, for a PostgreSQL source: a column that grows with new rows (e.g. updated_at or id). Each "
+                "run reads only rows past the highest value already ingested, and trains on the batches so far."
+            ),
+            section=data,
+        ),
+        "batch_window": Param(
+            None, type=["null", "integer"], enum=[None, *range(1, BATCH_WINDOW_MAX + 1)], title="Batch window",
+            description=(
+                f"Optional, for a source read by watermark: train on the newest 1 to {BATCH_WINDOW_MAX} batches only. "
+                "Empty: every batch so far."
+            ),
             section=data,
         ),
         "text_col": Param(
@@ -125,6 +183,31 @@ def training_params() -> dict[str, Param]:
         "label_col": Param(
             "label", type="string", minLength=1, maxLength=128, title="Label column",
             description="Column holding each text's class; its values become the served class names.",
+            section=data,
+        ),
+        "id_col": Param(
+            None, type=["null", "string"], maxLength=128, title="Id column",
+            description=(
+                "Optional. A column identifying each row: ids must be unique (repeats are quarantined), and rows "
+                "keep their split by id as data is added. Empty: rows are identified by their text."
+            ),
+            section=data,
+        ),
+        "label_map": Param(
+            None, type=["null", "string"], maxLength=2048, title="Label map",
+            description=(
+                f"Optional. RAW=NAME pairs, comma-separated, e.g. {LABEL_MAP_EXAMPLE}: the labels in the data and "
+                "the class names the model serves. Rows with a label not in the map are quarantined. Empty: the "
+                "labels as written are the class names."
+            ),
+            section=data,
+        ),
+        "max_quarantine_fraction": Param(
+            0.05, type="number", minimum=0, maximum=0.5, title="Quarantine limit",
+            description=(
+                "Share of the rows (0 to 0.5) that may fail a row check (no text, unknown label, too long, not "
+                "UTF-8, repeated id) and be set aside in the quarantine file; above it the run fails."
+            ),
             section=data,
         ),
         "group_col": Param(
@@ -231,6 +314,7 @@ def training_params() -> dict[str, Param]:
     dagrun_timeout=timedelta(hours=DAGRUN_TIMEOUT_HOURS),
     tags=["maas", "training"],
     default_args=DEFAULT_ARGS,
+    on_failure_callback=_record_failed_run,
     doc_md=__doc__,
     params=training_params(),
 )
@@ -240,9 +324,17 @@ def maas_training() -> None:
         from maas_tasks.ingest import ingest_data as stage_data
         from maas_tasks.sample_data import sample_data_path
 
-        _, store = _store()
-        with _fail_fast():
-            return stage_data(store, params["data_path"] or sample_data_path(), run_id=run_id)
+        settings, store = _store()
+        with _fail_fast(), _registry(settings) as registry:
+            return stage_data(
+                store,
+                registry,
+                params["data_path"] or str(sample_data_path()),
+                run_id=run_id,
+                table_query=params["table_query"] or None,
+                watermark_col=params["watermark_col"] or None,
+                settings=settings,
+            )
 
     @task
     def validate_data(
@@ -258,23 +350,43 @@ def maas_training() -> None:
                 staged,
                 text_col=params["text_col"],
                 label_col=params["label_col"],
+                id_col=params["id_col"] or None,
                 group_col=params["group_col"] or None,
+                label_map=_label_map(params),
+                max_quarantine_fraction=params["max_quarantine_fraction"],
                 dag_run_id=run_id,
             )
 
     @task
     def clean_data(snapshot: dict[str, Any], params: dict[str, Any] | None = None) -> dict[str, Any]:
-        from maas_tasks.clean import clean_snapshot
+        from maas_tasks.clean import clean_snapshots, training_batches
 
-        _, store = _store()
-        with _fail_fast():
-            return clean_snapshot(
+        settings, store = _store()
+        with _fail_fast(), _registry(settings) as registry:
+            batches = training_batches(store, registry, snapshot, window=params["batch_window"])
+            return clean_snapshots(
                 store,
-                snapshot["key"],
+                batches,
                 text_col=params["text_col"],
                 label_col=params["label_col"],
+                id_col=params["id_col"] or None,
                 group_col=params["group_col"] or None,
+                label_map=_label_map(params),
                 slice_cols=[c.strip() for c in (params["slice_cols"] or "").split(",") if c.strip()],
+                test_fraction=params["eval_fraction"],
+            )
+
+    @task
+    def check_drift(
+        cleaned: dict[str, Any], snapshot: dict[str, Any], params: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        from maas_tasks.drift import check_drift as compare_data
+
+        settings, store = _store()
+        with _fail_fast(), _registry(settings) as registry:
+            return compare_data(
+                store, registry, cleaned["key"], snapshot["snapshot_id"],
+                model_name=params["model_name"] or settings.model_name,
             )
 
     @task
@@ -283,9 +395,7 @@ def maas_training() -> None:
 
         _, store = _store()
         with _fail_fast():
-            return fit_features(
-                store, cleaned["key"], max_tokens=params["max_tokens"], eval_fraction=params["eval_fraction"]
-            )
+            return fit_features(store, cleaned["key"], max_tokens=params["max_tokens"])
 
     @task
     def train_model(features: dict[str, Any], params: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -362,6 +472,7 @@ def maas_training() -> None:
     staged = ingest_data()
     snapshot = validate_data(staged)
     cleaned = clean_data(snapshot)
+    check_drift(cleaned, snapshot)
     features = build_features(cleaned)
     trained = train_model(features)
     evaluation = evaluate_model(trained, features, snapshot)

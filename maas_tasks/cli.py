@@ -121,6 +121,8 @@ def _convert_param(raw: str, types: list[str]) -> Any:
 
 def _explain(error: Any, value: Any) -> str:
     """A jsonschema error in one sentence, without the schema dump jsonschema appends."""
+    if error.validator == "pattern":
+        return f"{value!r} is not allowed"
     if error.validator == "enum":
         allowed = [v for v in error.validator_value if v is not None]
         if len(allowed) > 10 and allowed == list(range(allowed[0], allowed[0] + len(allowed))):
@@ -202,14 +204,41 @@ def _paragraph(text: str, limit: int) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
+# `maas run` options that set a DAG param of the same meaning (option, param).
+RUN_OPTIONS = (
+    ("model", "model_name"), ("text_col", "text_col"), ("label_col", "label_col"), ("id_col", "id_col"),
+    ("group_col", "group_col"), ("label_map", "label_map"), ("slice_cols", "slice_cols"),
+    ("query", "table_query"), ("watermark_col", "watermark_col"),
+)
+
+
+def check_run_options(args: argparse.Namespace) -> str:
+    """Check ``maas run``'s data source, model name and label map before Airflow starts (seconds of start-up
+    for an answer that needs none); returns the source as the DAG takes it.
+
+    Raises:
+        CliError / ConfigError: a usage error, said in one sentence (exit status 2).
+    """
+    from maas_tasks.config import check_model_name, parse_label_map
+    from maas_tasks.sample_data import sample_data_path
+    from maas_tasks.sources import IngestError, check_source
+
+    if args.model:
+        check_model_name(args.model, "--model")
+    parse_label_map(args.label_map, "--label-map")
+    if not args.data:
+        return str(sample_data_path())
+    try:
+        return check_source(args.data, table_query=args.query, watermark_col=args.watermark_col)
+    except IngestError as exc:
+        raise CliError(f"--data: {exc}") from None
+
+
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from maas_tasks import stack
-    from maas_tasks.sample_data import sample_data_path
 
+    data = check_run_options(args)
     _require_stack(settings, serving=True)
-    data = Path(args.data).expanduser().resolve() if args.data else sample_data_path()
-    if not data.is_file():
-        raise CliError(f"--data {args.data}: no such file")
     # Airflow reads its configuration when first imported: set it up before loading the DAG.
     os.environ.update(stack.airflow_environment(settings))
     import airflow  # noqa: F401 - configures Airflow's logging and puts plugins/ on sys.path
@@ -227,13 +256,11 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     with route_run_logs(run_log, to_console=args.verbose, on_task_finished=on_task_finished):
         dag = _load_dag()
         conf = parse_params(args.param, dag.params)
-        conf["data_path"] = str(data)
-        for key, flag, value in (
-            ("model_name", "--model", args.model), ("text_col", "--text-col", args.text_col),
-            ("label_col", "--label-col", args.label_col),
-        ):
+        conf["data_path"] = data
+        for option, key in RUN_OPTIONS:
+            value = getattr(args, option)
             if value:
-                conf[key] = check_param(dag.params, key, value, flag)
+                conf[key] = check_param(dag.params, key, value, "--" + option.replace("_", "-"))
         conf.setdefault("model_name", settings.model_name)
         print(f"running {DAG_ID} on {data} (Airflow's log: {run_log})", flush=True)
         summary = run_pipeline(settings, dag, conf, on_task_finished=on_task_finished)
@@ -263,8 +290,12 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"promoted   {promoted.get(version['status'], 'no')}")
         if version.get("report_uri"):
             print(f"report     {version['report_uri']}")
-    for outcome in (o for o in outcomes if o.state == "failed"):
-        print(f"error      {outcome.task_id} failed: {_paragraph(outcome.error or 'see its log', 600)}")
+    # Each failed task once, with its last attempt's message: that is the one that decided the run.
+    failed = {o.task_id: o for o in outcomes if o.state in ("failed", "up_for_retry")}
+    for task_id, outcome in failed.items():
+        if summary["tasks"].get(task_id) != "failed":
+            continue  # a retry succeeded
+        print(f"error      {task_id} failed: {_paragraph(outcome.error or 'see its log', 600)}")
         print(f"           task log: {outcome.log_path}")
     return 0 if summary["state"] == "success" else 1
 
@@ -400,10 +431,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stack)
 
     p = sub.add_parser("run", help="run the training DAG once through Airflow (dag.test)")
-    p.add_argument("--data", help="labeled CSV/TSV(.gz) or Parquet file (default: the bundled sample)")
+    p.add_argument(
+        "--data", metavar="SOURCE",
+        help="labeled CSV/TSV/JSON Lines (.gz) or Parquet file, a directory or glob of them, an aclImdb directory or "
+        "its .tar.gz, an s3://bucket/prefix, or postgresql://user@host/db?table=T (default: the bundled sample)",
+    )
     p.add_argument("--model", help="model name (default: MAAS_MODEL_NAME or sentiment)")
-    p.add_argument("--text-col", help="text column (default: text)")
-    p.add_argument("--label-col", help="label column (default: label)")
+    p.add_argument("--text-col", metavar="COL", help="text column (default: text)")
+    p.add_argument("--label-col", metavar="COL", help="label column (default: label)")
+    p.add_argument("--id-col", metavar="COL", help="column of unique row ids (keeps each row's split as data grows)")
+    p.add_argument("--group-col", metavar="COL", help="rows sharing its value stay in one split (e.g. movie_id)")
+    p.add_argument("--label-map", metavar="RAW=NAME,...", help="labels in the data -> served class names, e.g. 0=negative,1=positive")
+    p.add_argument("--slice-cols", metavar="COL,...", help="columns the evaluation reports metrics by")
+    p.add_argument("--query", metavar="SQL", help="for a PostgreSQL source: the SELECT giving the rows")
+    p.add_argument("--watermark-col", metavar="COL", help="for a PostgreSQL source: read only rows past the last value ingested")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="any DAG param, repeatable")
     p.add_argument("--quiet", action="store_true", help="print only the summary, not a line per task")
     p.add_argument("--verbose", action="store_true", help="also stream Airflow's full log to the terminal")

@@ -1,10 +1,13 @@
-"""Feature stage: a leak-free train/eval split, and the n-gram vocabulary and term weights fit on the train side.
+"""Feature stage: the train/validation/test split rule, and the n-gram vocabulary and term weights fit on the
+training rows.
 
-The split keeps every row of a ``group`` (e.g. all reviews of one movie) on one side: a random
-split leaks group-specific words (names, titles) into evaluation and overstates accuracy. The
-vocabulary is counted with the served model's own tokenizer (:mod:`maas_tasks.model`), so training and
-serving see the same n-grams; each term gets a weight (Naive-Bayes log-count ratio by default, the
-TF-IDF-style weighting that suits sentiment best, Wang & Manning 2012). TensorFlow is imported inside the
+The split (:func:`assign_splits`, applied by the clean stage) keeps every row of a ``group`` (e.g. all reviews
+of one movie) in one split: a random split leaks group-specific words (names, titles) into evaluation and
+overstates accuracy. Each unit's split comes from a hash of the unit alone, so a weekly batch of new rows
+never moves an old row to the other side (the model would then be scored on texts an earlier version
+trained on). The vocabulary is counted with the served model's own tokenizer (:mod:`maas_tasks.model`), so
+training and serving see the same n-grams; each term gets a weight (Naive-Bayes log-count ratio by default,
+the TF-IDF-style weighting that suits sentiment best, Wang & Manning 2012). TensorFlow is imported inside the
 functions so DAG parsing stays cheap.
 """
 
@@ -38,57 +41,117 @@ DEFAULT_NGRAMS = 3
 DEFAULT_MIN_DF = 2
 DEFAULT_MAX_TOKENS = 1_000_000
 DEFAULT_WEIGHTING = "nb"
+# The cleaned table's ``split`` values; train.py holds out the validation rows, evaluation scores the test rows.
+SPLITS = ("train", "validation", "test")
 
 
-def _bucket(value: str, seed: int) -> int:
-    """A stable pseudo-random position for ``value`` (same on every machine and Python run)."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{value}".encode()).digest()[:8], "big")
+def _positions(units: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's unit number and each unit's stable position in [0, 1): the first 8 bytes of its SHA-256."""
+    codes, uniques = pd.factorize(units, sort=False)
+    positions = np.fromiter(
+        (int.from_bytes(hashlib.sha256(unit.encode("utf-8")).digest()[:8], "big") for unit in uniques),
+        dtype=np.float64, count=len(uniques),
+    ) / 2.0**64
+    return codes, positions
 
 
-def split_frame(
-    df: pd.DataFrame, *, eval_fraction: float = 0.2, seed: int = 13
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Split a cleaned table into train and eval sides, deterministically.
+def split_units(df: pd.DataFrame) -> tuple[str, pd.Series]:
+    """What the split keeps together, and each row's unit: its ``group`` when the table has one, else its
+    ``id``, else its text. A row whose group (or id) is empty is a unit of its own, named by its id or text."""
+    units, kind = "text:" + df["text"].astype(str), "text"
+    if "id" in df.columns:
+        ids = df["id"].astype(str)
+        units = ("id:" + ids).where(ids != "", units)
+        kind = "id"
+    if "group" in df.columns:
+        groups = df["group"].astype(str)
+        units = ("group:" + groups).where(groups != "", units)
+        kind = "group"
+    return kind, units
 
-    Units are the ``group`` values when that column exists, else the texts (so duplicates stay
-    together). Units are ordered by a stable hash of (seed, unit) and taken into eval until it
-    holds about ``eval_fraction`` of the rows.
+
+def assign_splits(
+    df: pd.DataFrame, *, validation_fraction: float = 0.1, test_fraction: float = 0.2
+) -> pd.Series:
+    """The split (``train``, ``validation`` or ``test``) of every row of a cleaned table.
+
+    Rows are split by unit (:func:`split_units`: whole groups, else ids, else texts). A unit's position is
+    a hash of the unit alone, in [0, 1): below ``test_fraction`` it is test, below ``test_fraction +
+    validation_fraction`` validation, else train. So the split of a unit never depends on the other rows:
+    adding rows (a new batch) never moves an existing unit between splits, on any machine.
+
+    Tiny data: when these thresholds leave a side empty (likely below about 20 units), the fewest units
+    move to fill it, in hash order: the highest-positioned unit becomes train, the lowest test, and the
+    unit next to the validation range validation (that last needs 3 units). Those few units can move back
+    once more data fills the side by the plain rule.
 
     Raises:
-        ValueError: ``eval_fraction`` is not in (0, 1), there are fewer than 2 units, or a class
-            would be missing from the train side; the message says what to change.
+        ValueError: a fraction is out of range, or there are fewer than 2 units.
     """
-    if not 0 < eval_fraction < 1:
-        raise ValueError(f"eval_fraction={eval_fraction} must be between 0 and 1 (e.g. 0.2)")
-    unit_col = "group" if "group" in df.columns else "text"
-    units = df[unit_col].astype(str)
-    sizes = units.value_counts()
-    if len(sizes) < 2:
+    if not (0 < test_fraction < 1 and 0 <= validation_fraction < 1 and test_fraction + validation_fraction < 1):
         raise ValueError(
-            f"cannot split {len(df)} rows: they form {len(sizes)} distinct {unit_col!r} value(s), "
-            "at least 2 are needed so train and eval are both non-empty; add data"
-            + (" or do not pass a group column" if unit_col == "group" else "")
+            f"the test share ({test_fraction}) must be between 0 and 1, the validation share ({validation_fraction}) "
+            "at least 0, and together less than 1 (e.g. 0.2 and 0.1)"
         )
-    order = sorted(sizes.index, key=lambda unit: (_bucket(unit, seed), unit))
-    target = eval_fraction * len(df)
-    eval_units: set[str] = set()
-    taken = 0
-    for unit in order[:-1]:  # the last unit always stays in train, so train is never empty
-        if taken >= target:
-            break
-        eval_units.add(unit)
-        taken += int(sizes[unit])
-    in_eval = units.isin(eval_units)
-    train_df = df.loc[~in_eval].reset_index(drop=True)
-    eval_df = df.loc[in_eval].reset_index(drop=True)
-    missing = sorted(set(df["label"]) - set(train_df["label"]))
-    if missing:
+    kind, units = split_units(df)
+    codes, positions = _positions(units)
+    if len(positions) < 2:
         raise ValueError(
-            f"after the split ({len(train_df)} train / {len(eval_df)} eval rows) the train side has no rows of "
-            f"class(es) {', '.join(map(repr, missing))}; add more rows of those classes, lower eval_fraction "
-            "or change the seed"
+            f"cannot split {len(df)} rows: they form {len(positions)} distinct {kind}(s); at least 2 are needed so "
+            "that training and testing both get rows: add data"
+            + (", or do not set a group column" if kind == "group" else "")
         )
-    return train_df, eval_df
+    side = np.where(positions < test_fraction, 2, np.where(positions < test_fraction + validation_fraction, 1, 0))
+    order = np.argsort(positions, kind="stable")
+    if not (side == 0).any():
+        side[order[-1]] = 0
+    if not (side == 2).any():
+        side[order[0]] = 2
+    if validation_fraction > 0 and not (side == 1).any() and len(positions) >= 3:
+        train, test = order[side[order] == 0], order[side[order] == 2]
+        side[train[0] if len(train) > 1 else test[-1]] = 1
+    return pd.Series(np.asarray(SPLITS, dtype=object)[side[codes]], index=df.index, dtype="str")
+
+
+def check_splits(df: pd.DataFrame) -> None:
+    """Check a split cleaned table before anything trains on it.
+
+    Raises:
+        ValueError: an identical text lies in two splits (the model would be tested on what it learnt),
+            the train or test side is empty, or a class has no train rows; the message says what to do.
+    """
+    kind, _ = split_units(df)
+    split = df["split"].astype(str)
+    spread = df.groupby("text", sort=False)["split"].nunique()
+    leaked = spread[spread > 1]
+    if len(leaked):
+        shown = "; ".join(
+            f"{text[:60]!r}{'...' if len(text) > 60 else ''} in {', '.join(sorted(set(split[df['text'] == text])))}"
+            for text in leaked.index[:3]
+        )
+        raise ValueError(
+            f"{len(leaked)} text(s) appear identically in more than one split ({shown}): the model would be "
+            f"scored on texts it was trained on. The same text has several {kind}s; remove the copies from the "
+            "data, or give them one " + kind
+        )
+    counts = split.value_counts()
+    for side in ("train", "test"):
+        if not counts.get(side):
+            raise ValueError(
+                f"the {side} split is empty ({len(df)} rows in {', '.join(f'{n} {s}' for s, n in counts.items())}); "
+                "add data"
+            )
+    in_train = set(df.loc[split == "train", "label"])
+    missing = df.loc[~df["label"].isin(in_train), "label"].value_counts()
+    if len(missing):
+        shown = ", ".join(f"{label!r} ({n} row{'s' if n > 1 else ''})" for label, n in missing.head(5).items())
+        raise ValueError(
+            f"{len(missing)} class(es) have no row in the train split: {shown}"
+            f"{' and more' if len(missing) > 5 else ''}. "
+            f"Each {kind} goes to train, validation or test by a hash of it, and every {kind} of these classes fell "
+            f"outside train. Every class needs training rows: add rows of these classes (in more {kind}s), or hold "
+            "out smaller validation and test shares"
+        )
 
 
 def count_ngrams(
@@ -223,34 +286,45 @@ def build_features(
     ngrams: int = DEFAULT_NGRAMS,
     min_df: int = DEFAULT_MIN_DF,
     weighting: str = DEFAULT_WEIGHTING,
-    eval_fraction: float = 0.2,
-    seed: int = 13,
 ) -> dict[str, Any]:
-    """Split the cleaned table and fit the vocabulary and term weights; write ``features/<hash>/``.
+    """Fit the vocabulary and term weights on the cleaned table's training rows; write ``features/<hash>/``.
 
-    Writes ``train.parquet``, ``eval.parquet``, ``vocabulary.txt``, ``term_weights.npy``,
-    ``class_document_counts.npy`` and, last (the commit point), ``vectorizer.json`` (ngrams, min_df,
-    max_tokens, weighting, vocab_size, classes sorted by name, class_sizes). The hash covers the cleaned table's bytes and the arguments, so a re-run writes the same prefix.
+    The cleaned table's ``split`` column decides (:func:`maas_tasks.clean.clean_snapshots`): its ``train`` and
+    ``validation`` rows go to ``train.parquet`` (the vocabulary is counted on both; training holds the
+    validation rows out again by that column), its ``test`` rows to ``eval.parquet``. Also writes
+    ``vocabulary.txt``, ``term_weights.npy``, ``class_document_counts.npy`` and, last (the commit point),
+    ``vectorizer.json`` (ngrams, min_df, max_tokens, weighting, vocab_size, classes sorted by name,
+    class_sizes). The hash covers the cleaned table's bytes and the arguments, so a re-run writes the same
+    prefix.
 
     Returns:
-        ``key`` (the prefix), ``train_rows``, ``eval_rows``, ``classes`` and ``vocab_size``.
+        ``key`` (the prefix), ``train_rows`` (validation rows included), ``validation_rows``, ``eval_rows``,
+        ``classes`` and ``vocab_size``.
+
+    Raises:
+        ValueError: the table has no ``split`` column, or fails :func:`check_splits`.
     """
     started = time.perf_counter()
     raw = store.get_bytes(cleaned_key)
     df = pd.read_parquet(io.BytesIO(raw))
+    if "split" not in df.columns:
+        raise ValueError(
+            f"{store.uri(cleaned_key)} has no 'split' column: it was not written by the clean stage of this "
+            "version; clean the snapshot again"
+        )
     try:
-        train_df, eval_df = split_frame(df, eval_fraction=eval_fraction, seed=seed)
+        check_splits(df)
     except ValueError as exc:
         raise ValueError(f"{store.uri(cleaned_key)}: {exc}") from None
+    held_out = df["split"] == "test"
+    train_df = df.loc[~held_out].reset_index(drop=True)
+    eval_df = df.loc[held_out].reset_index(drop=True)
     classes = sorted(df["label"].unique().tolist())
     fitted = fit_vectorizer(
         train_df["text"].tolist(), train_df["label"].tolist(), classes,
         max_tokens=max_tokens, ngrams=ngrams, min_df=min_df, weighting=weighting,
     )
-    params = {
-        "max_tokens": max_tokens, "ngrams": ngrams, "min_df": min_df, "weighting": weighting,
-        "eval_fraction": eval_fraction, "seed": seed,
-    }
+    params = {"max_tokens": max_tokens, "ngrams": ngrams, "min_df": min_df, "weighting": weighting}
     digest = hashlib.sha256(raw)
     digest.update(json.dumps(params, sort_keys=True).encode())
     prefix = f"features/{digest.hexdigest()[:16]}"
@@ -270,16 +344,18 @@ def build_features(
         "class_sizes": fitted["class_sizes"].tolist(),
     }
     store.put_bytes(f"{prefix}/vectorizer.json", json.dumps(vectorizer).encode())
+    validation_rows = int((train_df["split"] == "validation").sum())
     log.info(
-        "split %d rows into %d for training and %d held out%s; vocabulary of %d n-grams (1 to %d words, in at "
-        "least %d texts%s), %s term weights; classes %s (%.1f s)", len(df), len(train_df), len(eval_df),
-        " (whole groups)" if "group" in df.columns else "", len(fitted["vocabulary"]), ngrams, min_df,
+        "%d rows: %d for training (%d of them validation) and %d held out for testing, by %s; vocabulary of %d "
+        "n-grams (1 to %d words, in at least %d texts%s), %s term weights; classes %s (%.1f s)", len(df),
+        len(train_df), validation_rows, len(eval_df), split_units(df)[0], len(fitted["vocabulary"]), ngrams, min_df,
         f", at most {max_tokens:,}" if max_tokens else "", weighting, ", ".join(map(str, classes)),
         time.perf_counter() - started,
     )
     return {
         "key": prefix,
         "train_rows": len(train_df),
+        "validation_rows": validation_rows,
         "eval_rows": len(eval_df),
         "classes": classes,
         "vocab_size": len(fitted["vocabulary"]),

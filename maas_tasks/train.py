@@ -4,10 +4,10 @@ The texts are featurised once, with the served model's own ``features`` (sparse,
 of unit length), and L2-regularised softmax regression over them is fitted by full-batch L-BFGS: a convex
 problem, so the model does not depend on a seed, a batch order or a learning rate. (Minibatch SGD reached the
 same accuracy only on lucky seeds: on IMDB its epoch-to-epoch noise moved held-out accuracy by up to 3
-points, docs/model.md.) A slice of the train side (whole groups) is held out as the validation side:
-training stops early when its loss stops improving and keeps the best epoch, and a temperature is fitted
-on it (Guo et al. 2017), so scores read as probabilities: a length-aware one, fitted on the validation texts
-and on their first words, because one temperature leaves short texts overconfident.
+points, docs/model.md.) The clean stage's validation split (whole groups) is held out of the fit: training
+stops early when its loss stops improving and keeps the best epoch, and a temperature is fitted on it (Guo et
+al. 2017), so scores read as probabilities: a length-aware one, fitted on the validation texts and on their
+first words, because one temperature leaves short texts overconfident.
 
 Runs are deterministic (TensorFlow's deterministic ops, a deterministic optimiser). On a machine with several
 GPUs the loss and gradient are computed under ``tf.distribute.MirroredStrategy`` (each GPU a block of rows),
@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from maas_tasks.config import DEVICE_CHOICES
-from maas_tasks.features import load_vectorizer, split_frame
+from maas_tasks.features import load_vectorizer
 from maas_tasks.model import TEMPERATURE_BOUNDS, Artifact, build_classifier, first_words, save_artifact
 from maas_tasks.storage import Store
 from maas_tasks.tf_runtime import import_tensorflow
@@ -48,8 +48,7 @@ LBFGS_MEMORY = 10
 DEFAULT_PATIENCE = 2
 # Early stopping treats a validation loss within this share of the best as no worse (it is noise).
 VALIDATION_LOSS_TOLERANCE = 0.005
-DEFAULT_CALIBRATION_FRACTION = 0.1
-# Below this many held-out rows a fitted temperature is noise (and a separable slice drives it to zero).
+# Below this many validation rows a fitted temperature is noise (and a separable slice drives it to zero).
 MIN_CALIBRATION_ROWS = 200
 # The validation texts are also cut to their first words at these lengths to fit the length-aware temperature.
 CALIBRATION_PREFIX_WORDS = (6, 12, 25, 50)
@@ -376,18 +375,19 @@ def fit_side_weights(vectorizer: dict[str, Any], validation_x: Any, validation_y
     return term_weights(counts, sizes, vectorizer["weighting"])
 
 
-def _split_calibration(train_df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Hold out about ``fraction`` of the train side (whole groups) as the validation side.
+def _split_validation(train_df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The rows to fit on and the validation rows: those of the train side whose ``split`` is ``validation``.
 
-    Returns the rows to fit on and the held-out rows; the latter is empty (no early stopping, no
-    temperature) when ``fraction`` is 0 or it would be smaller than :data:`MIN_CALIBRATION_ROWS`.
+    The validation side is empty (no early stopping, no temperature; every row is fitted on) when it holds
+    fewer than :data:`MIN_CALIBRATION_ROWS` rows, or when the table has no ``split`` column (features built
+    before the clean stage chose the splits).
     """
-    if fraction == 0 or fraction * len(train_df) < MIN_CALIBRATION_ROWS:
+    if "split" not in train_df.columns:
         return train_df, train_df.iloc[:0]
-    try:
-        return split_frame(train_df, eval_fraction=fraction, seed=seed + 1)
-    except ValueError:  # too few groups or a rare class: calibrating is not worth losing training rows
+    held = train_df["split"] == "validation"
+    if held.sum() < MIN_CALIBRATION_ROWS:
         return train_df, train_df.iloc[:0]
+    return train_df.loc[~held].reset_index(drop=True), train_df.loc[held].reset_index(drop=True)
 
 
 def _labels(df: pd.DataFrame, classes: list[Any]) -> np.ndarray:
@@ -403,13 +403,15 @@ def train_model(
     batch_size: int = 512,
     c: float | None = None,
     patience: int = DEFAULT_PATIENCE,
-    calibration_fraction: float = DEFAULT_CALIBRATION_FRACTION,
     refit: bool = True,
     device: str = "auto",
-    seed: int = 13,
     devices: Sequence[Any] | None = None,
 ) -> dict[str, Any]:
     """Train the classifier on ``features_key``'s train split and store it (``trained/<hash>/``).
+
+    The rows of the train side whose ``split`` is ``validation`` are held out for early stopping, the choice
+    of C and the temperature (:func:`_split_validation`: under :data:`MIN_CALIBRATION_ROWS` of them, every
+    row is fitted on for every epoch, with temperature 1); the clean stage chose them, whole groups.
 
     Writes the model (:func:`maas_tasks.model.save_artifact`) and then ``history.json`` (per-epoch loss and
     accuracy, the epoch kept, the temperature, the parameters, the device). The hash covers the features key
@@ -422,9 +424,6 @@ def train_model(
         c: inverse L2 strength (liblinear's C), see :func:`_fit_softmax`; None: the value of :data:`C_GRID`
             with the lowest validation loss (recorded with the model), or :data:`DEFAULT_C` when the data
             are too few to hold out a validation side.
-        calibration_fraction: share of the train side held out (whole groups) for early stopping and the
-            temperature; 0, or a slice under :data:`MIN_CALIBRATION_ROWS` rows, trains on all of it for every
-            epoch with temperature 1.
         refit: once the validation side has chosen the epoch count and the temperature, fit again on every
             train row (validation side included) and ship that model.
         device: ``auto``, ``cpu`` or ``gpu`` (see :func:`select_device`); ``devices`` injects the device list.
@@ -440,15 +439,13 @@ def train_model(
 
     if epochs < 1 or batch_size < 1 or patience < 1:
         raise ValueError(f"epochs={epochs}, batch_size={batch_size} and patience={patience} must all be at least 1")
-    if (c is not None and not c > 0) or not 0 <= calibration_fraction < 1:
-        raise ValueError(f"c={c} must be positive and calibration_fraction={calibration_fraction} in [0, 1)")
+    if c is not None and not c > 0:
+        raise ValueError(f"c={c} must be positive")
     plan = plan_devices(device, devices)
     features_key = features_key.rstrip("/")
     vectorizer = load_vectorizer(store, features_key)
     classes = vectorizer["classes"]
-    fit_df, validation_df = _split_calibration(
-        _read_parquet(store, f"{features_key}/train.parquet"), calibration_fraction, seed
-    )
+    fit_df, validation_df = _split_validation(_read_parquet(store, f"{features_key}/train.parquet"))
     if deterministic_ops(plan):
         tf.config.experimental.enable_op_determinism()
 
@@ -537,12 +534,11 @@ def train_model(
         "%.3f for 10 n-grams%s", plan.describe(), len(fit_df), len(history["loss"]),
         f" (stopped early: {stopped})" if stopped else "", best_epoch, train_seconds,
         temperature, float(np.exp(calibration[0] + calibration[1] / np.sqrt(11.0))),
-        "" if has_validation else " (too few rows to hold out a validation side)",
+        "" if has_validation else f" (no validation side: fewer than {MIN_CALIBRATION_ROWS} validation rows)",
     )
 
     params = {
-        "epochs": epochs, "batch_size": batch_size, "c": c, "patience": patience,
-        "calibration_fraction": calibration_fraction, "refit": refit, "seed": seed,
+        "epochs": epochs, "batch_size": batch_size, "c": c, "patience": patience, "refit": refit,
     }
     # The prefix names what was asked for (C chosen or given), so two different models never share one.
     digest = hashlib.sha256(json.dumps({"features": features_key, **params, "c": requested_c}, sort_keys=True).encode())

@@ -32,7 +32,9 @@ def test_benchmark_runs_end_to_end_on_generated_reviews(tmp_path, capsys):
     pipeline, serving = result["pipeline"], result["serving"]
     assert [s["stage"] for s in pipeline["stages"]] == list(STAGES)
     assert all(s["seconds"] > 0 and s["peak_rss_mb"] > 0 for s in pipeline["stages"])
-    assert pipeline["rows"]["train"] + pipeline["rows"]["eval"] == 300
+    # Train holds the train and validation splits, eval the test split; every row is in one of them.
+    assert pipeline["rows"]["train"] + pipeline["rows"]["eval"] == 300 == sum(pipeline["data"]["splits"].values())
+    assert pipeline["data"]["quarantined"] == 0 and pipeline["data"]["docs_uri"].endswith(".html")
     metrics = pipeline["metrics"]
     assert metrics["accuracy"] > 0.6 and 0 < metrics["log_loss"] < 1 and 0 <= metrics["ece"] <= 1
     load = serving["load"]
@@ -52,4 +54,5 @@ def test_benchmark_runs_end_to_end_on_generated_reviews(tmp_path, capsys):
     assert "model server, gRPC" in report and "serving targets (2-core machine):" in report
     assert "ece (10 bins)" in report and f"result written to {out}" in report
     assert "raw file to trained model (ingest to train): " in report
+    assert "data stages (ingest + validate + clean, the split included): " in report and "target < 10 s" in report
     assert "serving memory (own process, REST batches of 256 of the longest reviews" in report

@@ -17,6 +17,8 @@ EXPECTED_EDGES = {
     ("ingest_data", "validate_data"),
     ("validate_data", "clean_data"),
     ("clean_data", "build_features"),
+    ("clean_data", "check_drift"),
+    ("validate_data", "check_drift"),
     ("build_features", "train_model"),
     ("train_model", "evaluate_model"),
     ("build_features", "evaluate_model"),
@@ -100,12 +102,14 @@ def test_every_task_retries(dag):
 
 
 SECTIONS = {"Data", "Training", "Gate and promotion"}
-OPTIONAL = {"data_path", "group_col", "slice_cols", "model_name", "min_roc_auc"}
+OPTIONAL = {"data_path", "group_col", "slice_cols", "model_name", "min_roc_auc", "id_col", "label_map", "table_query",
+            "watermark_col", "batch_window"}
 
 
 def test_params_are_sectioned_titled_and_documented(dag):
     params = dag.params
-    expected = {"data_path", "text_col", "label_col", "group_col", "model_name", "epochs", "batch_size",
+    expected = {"data_path", "text_col", "label_col", "group_col", "id_col", "label_map", "max_quarantine_fraction",
+                "table_query", "watermark_col", "batch_window", "model_name", "epochs", "batch_size",
                 "max_tokens", "eval_fraction", "min_accuracy", "min_roc_auc", "champion_tolerance", "force_promote"}
     assert expected <= set(params.keys())
     for name in params.keys():
@@ -132,9 +136,10 @@ def test_every_limit_is_one_the_trigger_form_enforces_and_is_stated(dag):
         param = dag.params.get_param(name)
         schema = param.schema
         assert not {"exclusiveMinimum", "exclusiveMaximum", "multipleOf"} & set(schema), name
-        if schema["type"] == "integer":
+        if "integer" in schema["type"]:
             assert schema.get("enum"), f"{name}: a whole number must be a dropdown"
-        limits = [min(schema["enum"]), max(schema["enum"])] if "enum" in schema else []
+        choices = [v for v in schema.get("enum", []) if v is not None]
+        limits = [min(choices), max(choices)] if choices else []
         limits += [schema[bound] for bound in ("minimum", "maximum") if bound in schema]
         for limit in limits:
             assert str(limit) in param.description or f"{limit:,}" in param.description, (name, limit)
@@ -154,7 +159,8 @@ def test_defaults_validate(dag):
     "name, value",
     [("epochs", 0), ("epochs", 1.5), ("epochs", 51), ("eval_fraction", 1), ("eval_fraction", 0.01),
      ("min_accuracy", 2), ("model_name", "bad name!"), ("model_name", ""), ("batch_size", 100),
-     ("max_tokens", 12345), ("text_col", "")],
+     ("max_tokens", 12345), ("text_col", ""), ("model_name", "models.config"), ("max_quarantine_fraction", 0.9),
+     ("batch_window", 0)],
 )
 def test_bad_param_values_are_rejected(dag, name, value):
     from airflow.sdk.definitions.param import ParamsDict

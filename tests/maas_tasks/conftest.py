@@ -30,15 +30,17 @@ def file_store(tmp_path: Path) -> FileStore:
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A model trained through clean → features → train on 240 generated reviews (eval split held out)."""
-    from maas_tasks.clean import clean_snapshot
+    """A model trained through clean → features → train on 300 generated reviews (the test split held out)."""
+    from maas_tasks.clean import clean_snapshots
     from maas_tasks.features import build_features
     from maas_tasks.sample_data import generate_reviews
     from maas_tasks.train import train_model
 
     store = FileStore(tmp_path_factory.mktemp("trained") / "store")
-    snapshot = put_parquet(store, "snapshots/test/data.parquet", generate_reviews(240, seed=5))
-    cleaned = clean_snapshot(store, snapshot, text_col="text", label_col="label", group_col="movie_id")
+    snapshot = put_parquet(store, "snapshots/test/data.parquet", generate_reviews(300, seed=5))
+    cleaned = clean_snapshots(
+        store, [{"key": snapshot, "quarantine_key": None}], text_col="text", label_col="label", group_col="movie_id"
+    )
     features = build_features(store, cleaned["key"], max_tokens=5000)
     trained = train_model(store, features["key"], epochs=2, batch_size=16, device="cpu")
-    return {"store": store, "snapshot_key": snapshot, "features": features, "trained": trained}
+    return {"store": store, "snapshot_key": snapshot, "cleaned": cleaned, "features": features, "trained": trained}

@@ -39,7 +39,7 @@ def test_parse_params_types_values_by_their_schema():
         ("epochs=0", r"--param epochs='0': 0 is not a whole number from 1 to 50 \(A whole number from 1 to 50.\)"),
         ("batch_size=100", "100 is not one of 32, 64, 128"),
         ("min_accuracy=2", r"2.0 is greater than the maximum of 1 \(From 0 to 1.\)"),
-        ("model_name=Bad Name", "does not match"),
+        ("model_name=Bad Name", r"'Bad Name' is not allowed \(Lowercase letters.\)"),
     ],
 )
 def test_parse_params_rejects_bad_pairs(pair, message):
@@ -61,6 +61,30 @@ def test_run_without_a_stack_says_how_to_start_it(monkeypatch, tmp_path, capsys)
     monkeypatch.setenv("MAAS_HOME", str(tmp_path))
     assert main(["run"]) == 2
     assert "the local stack is not running: start it with `maas stack up`" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "{tmp}/missing.csv"], "missing.csv does not exist"),
+        (["--data", "{tmp}/empty"], "holds no data files"),
+        (["--data", "{tmp}/book.xlsx"], "book.xlsx: unsupported file type"),
+        (["--data", "{tmp}/none-*.csv"], "matches no data files"),
+        (["--model", "models.config"], "--model 'models.config' ends with '.config'"),
+        (["--model", "../evil"], "is not a valid model name"),
+        (["--label-map", "0=negative"], "names one class"),
+        (["--label-map", "0=negative,1"], "'1' is not RAW=NAME"),
+    ],
+)
+def test_run_usage_errors_exit_2_before_anything_starts(monkeypatch, tmp_path, capsys, args, message):
+    # No stack runs here: each answer comes before the stack (or Airflow) is looked at.
+    monkeypatch.setenv("MAAS_HOME", str(tmp_path / "home"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "book.xlsx").write_bytes(b"PK\x03\x04")
+    assert main(["run", *(a.format(tmp=tmp_path) for a in args)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("maas: error: ") and message in err and "Traceback" not in err
+    assert "stack is not running" not in err
 
 
 def test_bad_setting_is_reported_not_raised(monkeypatch, capsys):

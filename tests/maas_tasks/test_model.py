@@ -22,7 +22,7 @@ def behaving(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from maas_tasks.train import train_model
 
     store = FileStore(tmp_path_factory.mktemp("behaviour") / "store")
-    snapshot = put_parquet(store, "snapshots/b/data.parquet", generate_reviews(1500, seed=21))
+    snapshot = put_parquet(store, "snapshots/b/data.parquet", generate_reviews(3000, seed=21))
     cleaned = clean_snapshot(store, snapshot, text_col="text", label_col="label", group_col="movie_id")
     features = build_features(store, cleaned["key"])
     trained = train_model(store, features["key"], device="cpu")

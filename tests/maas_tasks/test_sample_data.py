@@ -61,7 +61,8 @@ def test_demo_csv_trains_a_model_well_above_chance(file_store):
     from maas_tasks.validate import validate_snapshot
 
     snapshot = put_parquet(file_store, "snapshots/demo/data.parquet", pd.read_csv(SAMPLE_CSV))
-    validate_snapshot(file_store, snapshot, text_col="text", label_col="label", allowed_labels=["negative", "positive"])
+    validate_snapshot(file_store, snapshot, text_col="text", label_col="label",
+                      label_map={"negative": "negative", "positive": "positive"})
     cleaned = clean_snapshot(file_store, snapshot, text_col="text", label_col="label", group_col="movie_id")
     features = build_features(file_store, cleaned["key"])
     trained = train_model(file_store, features["key"], device="cpu")

@@ -125,7 +125,7 @@ def test_short_training_beats_chance_and_saves_an_end_to_end_model(trained_run):
 
 
 @pytest.mark.slow
-def test_training_is_reproducible_with_a_seed(trained_run):
+def test_training_is_reproducible(trained_run):
     from maas_tasks.train import train_model
 
     store = trained_run["store"]
@@ -144,9 +144,10 @@ def test_long_training_keeps_scores_calibrated(tmp_path):
 
     store = FileStore(tmp_path / "store")
     snapshot = put_parquet(store, "snapshots/t/data.parquet", generate_reviews(2500, seed=3))
-    cleaned = clean_snapshot(store, snapshot, text_col="text", label_col="label", group_col="movie_id")
+    cleaned = clean_snapshot(store, snapshot, text_col="text", label_col="label", group_col="movie_id",
+                             validation_fraction=0.2)
     features = build_features(store, cleaned["key"], max_tokens=5000)
-    trained = train_model(store, features["key"], epochs=20, calibration_fraction=0.2, device="cpu")
+    trained = train_model(store, features["key"], epochs=20, device="cpu")
 
     eval_df = pd.read_parquet(io.BytesIO(store.get_bytes(f"{features['key']}/eval.parquet")))
     scores = predict_scores(load_model(store, trained["key"]), eval_df["text"].tolist())
@@ -161,12 +162,30 @@ def test_long_training_keeps_scores_calibrated(tmp_path):
     assert abs(confidence.mean() - accuracy) < 0.05
 
     record = json.loads(store.get_bytes(f"{trained['prefix']}/history.json"))
-    assert record["calibration"]["calibration_rows"] > 200
+    # The validation rows are the clean stage's: whole movies, none of them in the train or test split.
+    assert record["calibration"]["calibration_rows"] == features["validation_rows"] > 200
     assert record["calibration"]["temperature"] == trained["temperature"] != 1.0
     # C was chosen on the validation side (the lowest validation loss of the grid's fits) and recorded.
     selection = record["c_selection"]
     assert len(selection) >= 2 and float(min(selection, key=selection.get)) == record["params"]["c"]
     assert record["refit_history"]["loss"]  # the shipped model was refitted on every train row
+
+
+def test_the_validation_rows_are_the_split_columns():
+    from maas_tasks.train import MIN_CALIBRATION_ROWS, _split_validation
+
+    n = MIN_CALIBRATION_ROWS
+    train_side = pd.DataFrame({"text": [f"t{i}" for i in range(3 * n)], "label": ["a", "b"] * (3 * n // 2),
+                               "split": ["train", "validation", "train"] * n})
+    fit, validation = _split_validation(train_side)
+    assert set(fit["split"]) == {"train"} and set(validation["split"]) == {"validation"}
+    assert (len(fit), len(validation)) == (2 * n, n)
+    # Too few validation rows for a temperature: every row is fitted on, none held out.
+    few = train_side.head(n)
+    fit, validation = _split_validation(few)
+    assert len(fit) == n and validation.empty
+    fit, validation = _split_validation(train_side.drop(columns="split"))
+    assert len(fit) == 3 * n and validation.empty
 
 
 def test_each_epoch_is_logged_with_its_losses_accuracies_and_time(caplog):
