@@ -107,17 +107,18 @@ def _registry(settings: Any) -> Any:
 
 def _record_failed_run(context: dict[str, Any]) -> None:
     """When a run fails, say so in the registry and mark the snapshot it recorded, so nothing a failed run left
-    behind looks like the input of a trained model."""
-    dag_run = context["dag_run"]
-    failed = sorted(ti.task_id for ti in dag_run.get_task_instances() if str(ti.state).endswith("failed")
-                    and not str(ti.state).endswith("upstream_failed"))
-    reason = str(context.get("reason") or "a task failed")
-    settings, _ = _store()
+    behind looks like the input of a trained model. It never raises: the run has failed already, and a registry
+    outage must not hide why."""
     try:
+        run_id = context["dag_run"].run_id
+        task = context.get("ti") or context.get("task_instance")
+        settings, _ = _store()
         with _registry(settings) as registry:
-            registry.mark_run_failed(dag_run.run_id, tasks=failed, reason=reason)
-    except Exception:  # noqa: BLE001 - the run has failed already: a registry outage must not hide why
-        log.exception("could not record the failed run %s in the registry", dag_run.run_id)
+            registry.mark_run_failed(
+                run_id, tasks=[task.task_id] if task is not None else [], reason=str(context.get("reason") or "a task failed")
+            )
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        log.warning("could not record the failed run in the registry: %s: %s", type(exc).__name__, exc)
 
 
 def training_params() -> dict[str, Param]:

@@ -184,13 +184,43 @@ def run_pipeline(
     order = list(dag.task_ids)
     with Registry.connect(registry_dsn(settings)) as registry:
         versions = [asdict(v) for v in registry.list_versions() if v.dag_run_id == result.run_id]
+        snapshot = run_snapshot(registry, result.run_id, versions[0] if versions else None)
     return {
         "run_id": result.run_id,
         "state": result.state,
         "tasks": dict(sorted(result.task_states.items(), key=lambda item: order.index(item[0]))),
         "version": versions[0] if versions else None,
+        "snapshot": snapshot,
         "via_scheduler": result.via_scheduler,
     }
+
+
+def run_snapshot(registry: Any, run_id: str, version: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The snapshot a run trained on (its version's), or else the one it recorded, as a dict; None if neither."""
+    snapshot = None
+    if version and version.get("snapshot_id"):
+        snapshot = registry.get_snapshot(version["snapshot_id"])
+    else:
+        snapshot = next((s for s in reversed(registry.list_snapshots()) if s.metadata.get("dag_run_id") == run_id), None)
+    return None if snapshot is None else asdict(snapshot)
+
+
+def format_data_lines(snapshot: dict[str, Any], run_id: str) -> list[str]:
+    """What ``maas run`` says about the data: the snapshot (new or seen before), quarantine, Data Docs, drift."""
+    created_by = snapshot["metadata"].get("dag_run_id")
+    origin = "new" if created_by == run_id else "already ingested" + (f" by run {created_by}" if created_by else "")
+    lines = [f"data       snapshot {snapshot['id']} of {snapshot['source']}: {snapshot['rows']} rows ({origin})"]
+    if snapshot.get("quarantined_rows"):
+        lines.append(f"           {snapshot['quarantined_rows']} rows quarantined: {snapshot['quarantine_uri']}")
+    if snapshot.get("docs_uri"):
+        lines.append(f"           Data Docs: {snapshot['docs_uri']}")
+    drift = snapshot.get("drift") or {}
+    if drift:
+        verdict = "FLAGGED: " + "; ".join(drift.get("reasons") or []) if drift.get("flagged") else (
+            "none above the thresholds" if drift.get("compared") else drift.get("message", "not compared"))
+        report = drift.get("html_uri") or snapshot.get("drift_uri")
+        lines.append(f"drift      {_paragraph(verdict, 300)}" + (f" ({report})" if report else ""))
+    return lines
 
 
 def _print_task_outcome(outcome: Any) -> None:
@@ -268,6 +298,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     print()
     print(f"run        {summary['run_id']}: {summary['state']}")
     print("tasks      " + ", ".join(f"{t}={s}" for t, s in summary["tasks"].items()))
+    if summary["snapshot"]:
+        print("\n".join(format_data_lines(summary["snapshot"], summary["run_id"])))
     version = summary["version"]
     if version:
         from maas_tasks.evaluate import format_metrics

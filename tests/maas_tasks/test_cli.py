@@ -100,3 +100,23 @@ def test_predict_against_no_server_fails_clearly(monkeypatch, capsys, api):
     assert main(["predict", "some text", *api]) == 1
     err = capsys.readouterr().err
     assert err.startswith("maas: error:") and "127.0.0.1" in err
+
+
+def test_the_run_summary_says_where_the_data_came_from_and_what_was_set_aside():
+    from maas_tasks.cli import format_data_lines
+
+    snapshot = {
+        "id": 4, "source": "reviews.csv", "rows": 400, "metadata": {"dag_run_id": "run-1"},
+        "quarantined_rows": 8, "quarantine_uri": "file:///s/quarantine/x/rows.parquet",
+        "docs_uri": "file:///s/validation/x/docs/v.html", "drift_uri": "file:///s/drift/y/report.json",
+        "drift": {"compared": True, "flagged": True, "reasons": ["label shares moved (p=0.0001)"],
+                  "html_uri": "file:///s/drift/y/report.html"},
+    }
+    lines = format_data_lines(snapshot, "run-1")
+    assert lines[0] == "data       snapshot 4 of reviews.csv: 400 rows (new)"
+    assert "8 rows quarantined: file:///s/quarantine/x/rows.parquet" in lines[1]
+    assert "Data Docs: file:///s/validation/x/docs/v.html" in lines[2]
+    assert lines[3] == "drift      FLAGGED: label shares moved (p=0.0001) (file:///s/drift/y/report.html)"
+    again = format_data_lines({**snapshot, "quarantined_rows": 0, "drift": {}}, "run-2")
+    assert again == ["data       snapshot 4 of reviews.csv: 400 rows (already ingested by run run-1)",
+                     "           Data Docs: file:///s/validation/x/docs/v.html"]
