@@ -675,8 +675,8 @@ def validate_staged_snapshot(
 ) -> dict[str, Any]:
     """Validate a snapshot staged by ingest (the checks of :func:`validate_frame`), then publish or discard it.
 
-    Either way the GX result (``validation/<sha>/result.json``), its Data Docs (``validation/<sha>/docs/``,
-    ``index.html`` opens in a browser from the store) and the quarantined rows (``quarantine/<sha>/rows.parquet``)
+    Either way the GX result (``validation/<sha>/result.json``), its Data Docs (``validation/<sha>/docs/``; the
+    validation's page, ``docs_uri``, is plain HTML that opens from the store in a browser without a network) and the quarantined rows (``quarantine/<sha>/rows.parquet``)
     are written to the store. Good data is published unchanged (every raw row) under ``snapshots/`` and
     recorded in the registry with those reports; bad data is deleted from staging and the failure is logged in
     the registry's event log, naming the reports. Rows ingest had seen before (``staged["new"]`` False) are not

@@ -179,14 +179,15 @@ def test_second_run_serves_version_2_and_retires_version_1(e2e):
 
 
 @pytest.mark.parametrize(
-    "content, message",
+    "content, stage, message",
     [
-        ("review,label\nnice film,positive\nbad film,negative\n", "column 'text' is missing"),
-        ("", "the file is empty"),
+        ("review,label\nnice film,positive\nbad film,negative\n", "validate_data",
+         "column 'text' (the text column) is missing; the file has columns: review, label; pass --text-col"),
+        ("", "ingest_data", "bad.csv is empty: it has no header and no rows"),
     ],
     ids=["no-text-column", "empty-file"],
 )
-def test_bad_input_stops_at_validation_and_leaves_nothing(e2e, tmp_path, content, message):
+def test_bad_input_stops_before_training_and_leaves_nothing(e2e, tmp_path, content, stage, message):
     store = e2e["store"]
     with registry(e2e) as reg:
         before_versions = [(v.model_name, v.version) for v in reg.list_versions()]
@@ -197,8 +198,10 @@ def test_bad_input_stops_at_validation_and_leaves_nothing(e2e, tmp_path, content
     result = maas(e2e, "run", "--data", str(bad))
     assert result.returncode == 1
     output = result.stdout + result.stderr
-    assert "validate_data=failed" in output
-    assert message in output
+    assert f"{stage}=failed" in output
+    assert message in output and "Traceback" not in output
+    # The failing task's own message is the last thing said, with its log.
+    assert output.strip().splitlines()[-2].startswith(f"error      {stage} failed: ")
     assert "train_model=" in output and "train_model=success" not in output
 
     with registry(e2e) as reg:

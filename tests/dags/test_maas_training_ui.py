@@ -21,10 +21,14 @@ DAG_ID = "maas_training"
 # Section -> (param, title, text of the field as shown, a phrase of its description).
 FORM = {
     "Data": [
-        ("data_path", "Data file", "", "Leave empty to train on the bundled sample"),
+        ("data_path", "Data source", "", "Leave empty to train on the bundled sample"),
         ("text_col", "Text column", "text", "1 to 128 characters"),
         ("label_col", "Label column", "label", "served class names"),
         ("group_col", "Group column", "", "Optional."),
+        ("id_col", "Id column", "", "ids must be unique"),
+        ("label_map", "Label map", "", "RAW=NAME pairs"),
+        ("max_quarantine_fraction", "Quarantine limit", "0.05", "(0 to 0.5)"),
+        ("watermark_col", "Watermark column", "", "for a PostgreSQL source"),
     ],
     "Training": [
         ("epochs", "Epochs", "5", "a whole number from 1 to 50"),
