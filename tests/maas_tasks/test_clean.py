@@ -249,34 +249,28 @@ def test_clean_snapshot_errors_say_what_to_do(file_store):
     assert "add rows of these classes" in message and "seed" not in message and "snapshots/" not in message
 
 
-def test_registry_snapshots_become_batches(file_store):
-    from types import SimpleNamespace
+def test_registry_snapshots_become_batches(file_store, pg_dsn):
+    from maas_tasks.registry import Registry
 
-    record = SimpleNamespace(id=4, uri=file_store.uri("snapshots/x/data.parquet"), sha256="x" * 64, source="a.csv",
-                             quarantine_uri=file_store.uri("quarantine/x/rows.parquet"), watermark=None,
-                             source_uri="/data/a.csv")
-    assert snapshot_batch(file_store, record) == {"key": "snapshots/x/data.parquet",
-                                                  "quarantine_key": "quarantine/x/rows.parquet",
-                                                  "sha256": "x" * 64, "source": "a.csv"}
-    with pytest.raises(ValueError, match="is not in the configured store"):
-        store_key(file_store, "s3://elsewhere/snapshots/x/data.parquet")
+    with Registry.connect(pg_dsn) as registry:
+        whole = registry.record_snapshot(file_store.uri("snapshots/x/data.parquet"), "f" * 64, 10, "a.csv",
+                                         source_uri="/data/a.csv")
+        registry.set_snapshot_reports(whole, quarantine_uri=file_store.uri("quarantine/x/rows.parquet"))
+        assert snapshot_batch(file_store, registry.get_snapshot(whole)) == {
+            "key": "snapshots/x/data.parquet", "quarantine_key": "quarantine/x/rows.parquet",
+            "sha256": "f" * 64, "source": "a.csv"}
+        with pytest.raises(ValueError, match="is not in the configured store"):
+            store_key(file_store, "s3://elsewhere/snapshots/x/data.parquet")
+        table = "postgresql://u@db:5432/shop?table=reviews"
+        batches = [registry.record_snapshot(file_store.uri(f"snapshots/{i}/data.parquet"), str(i) * 64, 5, "reviews",
+                                            source_uri=table, watermark=("id", str(i * 10))) for i in (1, 2, 3)]
 
-    batches = [SimpleNamespace(**{**record.__dict__, "id": i, "quarantine_uri": None, "watermark": str(i),
-                                  "uri": file_store.uri(f"snapshots/{i}/data.parquet")}) for i in (1, 2, 3)]
-
-    class Registry:
-        def get_snapshot(self, snapshot_id):
-            return record if snapshot_id == 4 else batches[snapshot_id - 1]
-
-        def list_snapshots(self, source_uri, *, last=None):
-            return batches[-last:] if last else batches
-
-    # A whole-file snapshot is trained on alone; a watermarked source on its batches (or the newest few).
-    assert [b["key"] for b in training_batches(file_store, Registry(), {"snapshot_id": 4})] == [
-        "snapshots/x/data.parquet"]
-    keys = [b["key"] for b in training_batches(file_store, Registry(), {"snapshot_id": 3})]
-    assert keys == [f"snapshots/{i}/data.parquet" for i in (1, 2, 3)]
-    assert [b["key"] for b in training_batches(file_store, Registry(), {"snapshot_id": 3}, window=2)] == keys[1:]
+        # A whole-file snapshot is trained on alone; a watermarked source on its batches (or the newest few).
+        assert [b["key"] for b in training_batches(file_store, registry, {"snapshot_id": whole})] == [
+            "snapshots/x/data.parquet"]
+        keys = [b["key"] for b in training_batches(file_store, registry, {"snapshot_id": batches[-1]})]
+        assert keys == [f"snapshots/{i}/data.parquet" for i in (1, 2, 3)]
+        assert [b["key"] for b in training_batches(file_store, registry, {"snapshot_id": batches[-1]}, window=2)] == keys[1:]
 
 
 def test_clean_batches_cleans_without_splitting_or_writing(file_store):
