@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from maas_tasks.features import assign_splits, check_splits
-from maas_tasks.storage import Store
+from maas_tasks.storage import Store, store_key
 
 log = logging.getLogger(__name__)
 
@@ -390,33 +390,10 @@ def clean_snapshots(
     }
 
 
-def clean_snapshot(
-    store: Store,
-    snapshot_key: str,
-    *,
-    text_col: str,
-    label_col: str,
-    id_col: str | None = None,
-    group_col: str | None = None,
-    label_map: Mapping[Any, str] | None = None,
-    slice_cols: Sequence[str] = (),
-    validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
-    test_fraction: float = DEFAULT_TEST_FRACTION,
-) -> dict[str, Any]:
-    """:func:`clean_snapshots` of the one Parquet snapshot at ``snapshot_key``, nothing quarantined before."""
-    return clean_snapshots(
-        store, [{"key": snapshot_key, "quarantine_key": None}], text_col=text_col, label_col=label_col,
-        id_col=id_col, group_col=group_col, label_map=label_map, slice_cols=slice_cols,
-        validation_fraction=validation_fraction, test_fraction=test_fraction,
-    )
-
-
-def store_key(store: Store, uri: str) -> str:
-    """The key of ``uri`` in ``store``: registry records hold URIs, the store reads keys."""
-    base = store.uri("k")[:-1]  # every store's URI of a key is its base followed by the key
-    if not uri.startswith(base):
-        raise ValueError(f"{uri} is not in the configured store ({base}); point MAAS_STORE_URL at the store it is in")
-    return uri[len(base):]
+def clean_snapshot(store: Store, snapshot_key: str, **options: Any) -> dict[str, Any]:
+    """:func:`clean_snapshots` of the one Parquet snapshot at ``snapshot_key``, nothing quarantined before
+    (``options``: its keyword arguments)."""
+    return clean_snapshots(store, [{"key": snapshot_key, "quarantine_key": None}], **options)
 
 
 def snapshot_batch(store: Store, snapshot: Any) -> dict[str, Any]:

@@ -37,9 +37,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from maas_tasks.clean import clean_batches, snapshot_batch, store_key
-from maas_tasks.model import VOCABULARY_FILE, read_vocabulary
-from maas_tasks.storage import Store
+from maas_tasks.clean import clean_batches, snapshot_batch
+from maas_tasks.model import MARK_PATTERN, TAG_PATTERN, VOCABULARY_FILE, WORD_CHARS, read_vocabulary
+from maas_tasks.storage import Store, store_key
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,9 @@ DEFAULT_MAX_LENGTH_KS = 0.1
 DEFAULT_MAX_OOV_RATE_INCREASE = 0.05
 REPORT_FILE = "report.json"
 HTML_FILE = "report.html"
-# maas_tasks.model.standardize's patterns, in its order, after lower-casing: its tag pattern, then "!" and "?"
-# become words, then every other character but letters, digits and apostrophes separates words. Runs of plain
-# spaces are left for the split to skip: replacing every space would cost most of the time.
-_TAG = r"<[^>]*>"
-_MARKS = r"([!?])"
-_SEPARATORS = r"[^\p{L}\p{N}!?' ][^\p{L}\p{N}!?']*"
+# maas_tasks.model.standardize's separators, except that a run of plain spaces is left for the split to skip:
+# replacing every space would cost most of the time.
+_SEPARATORS = f"[^{WORD_CHARS} ][^{WORD_CHARS}]*"
 
 
 def split_words(texts: Sequence[str] | pd.Series) -> pa.ListArray:
@@ -65,8 +62,8 @@ def split_words(texts: Sequence[str] | pd.Series) -> pa.ListArray:
     array = pc.utf8_lower(pc.fill_null(array.cast(pa.large_string()), ""))
     tagged = pc.match_substring(array, "<")
     if pc.any(tagged).as_py():
-        array = pc.replace_with_mask(array, tagged, pc.replace_substring_regex(pc.filter(array, tagged), _TAG, " "))
-    array = pc.replace_substring_regex(pc.replace_substring_regex(array, _MARKS, r" \1 "), _SEPARATORS, " ")
+        array = pc.replace_with_mask(array, tagged, pc.replace_substring_regex(pc.filter(array, tagged), TAG_PATTERN, " "))
+    array = pc.replace_substring_regex(pc.replace_substring_regex(array, MARK_PATTERN, r" \1 "), _SEPARATORS, " ")
     if array.nbytes < 2**31:  # Arrow splits 32-bit-offset strings several times faster
         array = array.cast(pa.string())
     pieces = pc.split_pattern(array, " ")

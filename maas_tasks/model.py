@@ -40,6 +40,13 @@ TOKENIZER_VERSION = 1
 TEMPERATURE_BOUNDS = (0.1, 10.0)
 
 
+# The served tokenizer's patterns (maas_tasks.drift cuts words the same way with Arrow): HTML tags go, "!" and
+# "?" become words, and every character outside WORD_CHARS separates words.
+TAG_PATTERN = r"<[^>]*>"
+MARK_PATTERN = r"([!?])"
+WORD_CHARS = r"\p{L}\p{N}!?'"
+
+
 def standardize(texts: Any) -> Any:
     """Lower-case, drop HTML tags, keep ``!`` and ``?`` as words, turn other punctuation into spaces.
 
@@ -49,9 +56,9 @@ def standardize(texts: Any) -> Any:
     tf = import_tensorflow()
 
     texts = tf.strings.lower(texts, encoding="utf-8")
-    texts = tf.strings.regex_replace(texts, r"<[^>]*>", " ")
-    texts = tf.strings.regex_replace(texts, r"([!?])", r" \1 ")
-    texts = tf.strings.regex_replace(texts, r"[^\p{L}\p{N}!?']+", " ")
+    texts = tf.strings.regex_replace(texts, TAG_PATTERN, " ")
+    texts = tf.strings.regex_replace(texts, MARK_PATTERN, r" \1 ")
+    texts = tf.strings.regex_replace(texts, f"[^{WORD_CHARS}]+", " ")
     return tf.strings.strip(texts)
 
 

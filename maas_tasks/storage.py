@@ -290,6 +290,14 @@ def open_store(url: str | None = None, settings: Settings | None = None) -> File
     raise StoreError(f"store URL {url!r} is not supported; use file:///dir or s3://bucket[/prefix]")
 
 
+def store_key(store: Store, uri: str) -> str:
+    """The key of ``uri`` in ``store``: registry records hold URIs, the store reads keys."""
+    base = store.uri("k")[:-1]  # every store's URI of a key is its base followed by the key
+    if not uri.startswith(base):
+        raise ValueError(f"{uri} is not in the configured store ({base}); point MAAS_STORE_URL at the store it is in")
+    return uri[len(base):]
+
+
 def sha256_file(path: Path) -> str:
     """Hex SHA-256 of a file's bytes, read in chunks (artifacts can be large)."""
     digest = hashlib.sha256()

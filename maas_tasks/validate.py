@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from maas_tasks.clean import normalize_label, normalize_labels, store_key
+from maas_tasks.clean import normalize_label, normalize_labels
 from maas_tasks.sources import UNDECODABLE
-from maas_tasks.storage import Store, delete_prefix, upload_tree
+from maas_tasks.storage import Store, delete_prefix, store_key, upload_tree
 
 log = logging.getLogger(__name__)
 

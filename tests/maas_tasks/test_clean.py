@@ -17,7 +17,6 @@ from maas_tasks.clean import (
     normalize_label,
     normalize_labels,
     snapshot_batch,
-    store_key,
     training_batches,
 )
 from maas_tasks.sample_data import generate_reviews
@@ -251,6 +250,7 @@ def test_clean_snapshot_errors_say_what_to_do(file_store):
 
 def test_registry_snapshots_become_batches(file_store, pg_dsn):
     from maas_tasks.registry import Registry
+    from maas_tasks.storage import store_key
 
     with Registry.connect(pg_dsn) as registry:
         whole = registry.record_snapshot(file_store.uri("snapshots/x/data.parquet"), "f" * 64, 10, "a.csv",
