@@ -170,10 +170,12 @@ def training_params() -> dict[str, Param]:
             section=data,
         ),
         "batch_window": Param(
-            None, type=["null", "integer"], enum=[None, *range(1, BATCH_WINDOW_MAX + 1)], title="Batch window",
+            0, type="integer", enum=list(range(0, BATCH_WINDOW_MAX + 1)),
+            values_display={"0": "every batch so far", **{str(n): str(n) for n in range(1, BATCH_WINDOW_MAX + 1)}},
+            title="Batch window",
             description=(
-                f"Optional, for a source read by watermark: train on the newest 1 to {BATCH_WINDOW_MAX} batches only. "
-                "Empty: every batch so far."
+                f"For a source read by watermark: train on the newest 1 to {BATCH_WINDOW_MAX} batches only; 0 (the "
+                "default): every batch so far."
             ),
             section=data,
         ),
@@ -364,7 +366,7 @@ def maas_training() -> None:
 
         settings, store = _store()
         with _fail_fast(), _registry(settings) as registry:
-            batches = training_batches(store, registry, snapshot, window=params["batch_window"])
+            batches = training_batches(store, registry, snapshot, window=params["batch_window"] or None)
             return clean_snapshots(
                 store,
                 batches,

@@ -103,7 +103,7 @@ def test_every_task_retries(dag):
 
 SECTIONS = {"Data", "Training", "Gate and promotion"}
 OPTIONAL = {"data_path", "group_col", "slice_cols", "model_name", "min_roc_auc", "id_col", "label_map", "table_query",
-            "watermark_col", "batch_window"}
+            "watermark_col"}
 
 
 def test_params_are_sectioned_titled_and_documented(dag):
@@ -160,7 +160,7 @@ def test_defaults_validate(dag):
     [("epochs", 0), ("epochs", 1.5), ("epochs", 51), ("eval_fraction", 1), ("eval_fraction", 0.01),
      ("min_accuracy", 2), ("model_name", "bad name!"), ("model_name", ""), ("batch_size", 100),
      ("max_tokens", 12345), ("text_col", ""), ("model_name", "models.config"), ("max_quarantine_fraction", 0.9),
-     ("batch_window", 0)],
+     ("batch_window", -1), ("batch_window", 101)],
 )
 def test_bad_param_values_are_rejected(dag, name, value):
     from airflow.sdk.definitions.param import ParamsDict
