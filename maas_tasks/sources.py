@@ -455,11 +455,37 @@ def _read_imdb_dir(path: Path, name: str) -> pd.DataFrame:
     return _imdb_frame(records, name)
 
 
+class _Rewound(io.RawIOBase):
+    """A read-once stream (an S3 response) with the bytes already read to sniff its format put back in front.
+    Its own ``closed`` is what buffering sees: a response closes itself once it has been read to the end."""
+
+    def __init__(self, head: bytes, rest: IO[bytes]) -> None:
+        self._head, self._rest = head, rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._head[: len(buffer)] if self._head else (self._rest.read(len(buffer)) or b"")
+        self._head = self._head[len(data):]
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _tar_stream(fileobj: IO[bytes]) -> IO[bytes]:
+    """The tar bytes of ``fileobj``: gunzipped by :class:`gzip.GzipFile` when it is gzip, which (unlike
+    tarfile's own stream) raises EOFError when the compressed stream is cut short, wherever the cut falls."""
+    head = fileobj.read(len(_GZIP_MAGIC))
+    buffered = io.BufferedReader(_Rewound(head, fileobj))
+    return gzip.GzipFile(fileobj=buffered, mode="rb") if head == _GZIP_MAGIC else buffered
+
+
 def _read_imdb_tar(fileobj: IO[bytes], name: str) -> pd.DataFrame:
     records = []
     try:
+        stream = _tar_stream(fileobj)
         # Stream mode ("r|*"): members are read in archive order, nothing is written to disk.
-        with tarfile.open(fileobj=fileobj, mode="r|*") as archive:
+        with tarfile.open(fileobj=stream, mode="r|*") as archive:
             for member in archive:
                 match = _IMDB_MEMBER.search(member.name)
                 if match is None or not member.isfile():
@@ -467,6 +493,10 @@ def _read_imdb_tar(fileobj: IO[bytes], name: str) -> pd.DataFrame:
                 text, clean = _decode_review(archive.extractfile(member).read())
                 split, label, number, rating = match.groups()
                 records.append((split, label, int(number), rating, text, clean))
+        # A cut in the archive's zero padding ends the member list quietly: read to the end of the gzip
+        # stream, so a truncated download is still found (its end-of-stream marker and CRC are missing).
+        while stream.read(1 << 20):
+            pass
     except (EOFError, tarfile.TarError, zlib.error, OSError) as exc:
         # tarfile reports a cut-off stream as "unexpected end of data" or a "truncated header".
         if isinstance(exc, EOFError) or re.search(r"unexpected end|truncated", str(exc)):
