@@ -12,7 +12,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 DEMO_TEXT_POS ?= A wonderful film: the acting was superb and the story moved me.
 DEMO_TEXT_NEG ?= A dull, boring mess. The plot made no sense and I want my money back.
 
-.PHONY: demo test bench install install-dev postgres-server browser stack-up stack-down clean
+.PHONY: demo test bench install install-dev postgres-server os-packages browser stack-up stack-down clean
 
 demo: install postgres-server
 	$(BIN)/maas stack up
@@ -20,7 +20,7 @@ demo: install postgres-server
 	$(BIN)/maas predict "$(DEMO_TEXT_POS)" "$(DEMO_TEXT_NEG)"
 	$(BIN)/maas predict --grpc "$(DEMO_TEXT_POS)" "$(DEMO_TEXT_NEG)"
 
-test: install-dev postgres-server browser
+test: install-dev os-packages
 	$(BIN)/python -m pytest -ra
 
 bench: install postgres-server
@@ -43,31 +43,40 @@ $(DEV_STAMP): requirements-dev.txt $(RUNTIME_STAMP)
 	$(BIN)/python -m pip install -r requirements-dev.txt
 	@touch $@
 
-# The local stack runs a private PostgreSQL cluster with the OS's server binaries.
-postgres-server:
-	@if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+# OS programs come from the OS's packages: `need` checks each command and, when root with apt, installs
+# every missing Debian package in one go; otherwise it says exactly what to install.
+#   postgres-server: the local stack's private PostgreSQL cluster (initdb, pg_ctl)
+#   os-packages:     everything `make test` drives for real: PostgreSQL, nginx (the API gateway),
+#                    redis-server (the Celery broker), Chromium (the Airflow UI tests) and docker-compose
+#                    (`docker-compose config` checks of docker-compose.yaml; no Docker daemon is needed)
+define need
+	@missing=""; \
+	for pair in $(1); do \
+	  cmd=$${pair%%:*}; pkg=$${pair##*:}; \
+	  command -v $$cmd >/dev/null 2>&1 || [ -x /usr/sbin/$$cmd ] || ls /usr/lib/postgresql/*/bin/$$cmd >/dev/null 2>&1 \
+	    || missing="$$missing $$pkg"; \
+	done; \
+	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	  echo "Installing the PostgreSQL server (Debian package postgresql)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  echo "Installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	else \
-	  echo "The PostgreSQL server binaries (initdb, pg_ctl) are missing. Install them, then re-run:"; \
-	  echo "  Debian/Ubuntu: sudo apt-get install postgresql"; \
-	  echo "  Fedora/RHEL:   sudo dnf install postgresql-server"; \
+	  echo "Missing OS packages:$$missing. Install them, then re-run:"; \
+	  echo "  Debian/Ubuntu: sudo apt-get install$$missing"; \
+	  echo "  (Ubuntu names Chromium chromium-browser; Fedora/RHEL: postgresql-server nginx redis chromium docker-compose)"; \
 	  exit 1; \
 	fi
+endef
 
-# The Airflow UI tests drive the OS's Chromium through Playwright (no browser download).
+postgres-server:
+	$(call need,initdb:postgresql)
+
+os-packages:
+	$(call need,initdb:postgresql nginx:nginx redis-server:redis-server chromium:chromium docker-compose:docker-compose)
+
+# Kept for habit: the browser alone.
 browser:
-	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	  echo "Installing Chromium for the browser tests (Debian package chromium)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	else \
-	  echo "Chromium is missing; the Airflow UI tests need it. Install it, then re-run:"; \
-	  echo "  Debian: sudo apt-get install chromium     Ubuntu: sudo apt-get install chromium-browser"; \
-	  echo "  Fedora/RHEL: sudo dnf install chromium"; \
-	  exit 1; \
-	fi
+	$(call need,chromium:chromium)
 
 stack-up: install postgres-server
 	$(BIN)/maas stack up
