@@ -36,24 +36,28 @@ ingest → validate → clean → features → train → evaluate → gate → e
 limits; empty optional fields use the defaults, and an empty *Data file* trains on the bundled sample),
 then press **Trigger** at the bottom of the form.
 
-**Schedule:** every Sunday at 00:00 UTC on the defaults, once the DAG is unpaused. Unpausing (the
-toggle, or *Unpause maas_training on trigger* in the trigger form) never starts a missed run: the first
-scheduled run is the next Sunday. Every task passes only small references (store keys, versions)
-through XCom.
+**Schedule:** on MAAS_TRAINING_SCHEDULE (a cron, default every Sunday at 00:00 UTC) on the defaults, and
+whenever `maas_ingest` announces a new snapshot (the Asset `maas_snapshots_<model>`), once the DAG is
+unpaused. A run the Asset starts trains on the snapshot it names, with the ingest parameters (columns,
+label map) it carries. Unpausing (the toggle, or *Unpause maas_training on trigger* in the trigger form)
+never starts a missed run: the first scheduled run is the next Sunday. Every task passes only small
+references (store keys, versions) through XCom.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
-from airflow.sdk import Param, dag, task
+from airflow.sdk import Asset, AssetOrTimeSchedule, Param, dag, task
 from maas_timetables import NextSlotCronTimetable
 
-from maas_tasks.config import LABEL_MAP_EXAMPLE, MODEL_NAME_PATTERN
+from maas_tasks.config import LABEL_MAP_EXAMPLE, MODEL_NAME_PATTERN, load_retraining_settings
+from maas_tasks.retrain import snapshot_asset
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +68,23 @@ BATCH_WINDOW_MAX = 100
 BATCH_SIZES = (16, 32, 64, 128, 256, 512, 1024)
 VOCABULARY_SIZES = (500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000, 2_000_000)
 EVAL_FRACTION_RANGE = (0.05, 0.5)
+# Read when the file is parsed: the schedule and the Asset (announced by maas_ingest) define the DAG.
+RETRAINING = load_retraining_settings()
+SNAPSHOTS = Asset(**snapshot_asset(RETRAINING.model_name))
+# MAAS_TRAINING_QUEUE (read when the DAG is parsed) names the Celery queue of train_model: in compose,
+# "gpu" sends training to the gpu profile's workers, the only ones consuming it. Unset: Airflow's default queue.
+# Executors without queues (LocalExecutor, dag.test) ignore it.
+TRAINING_QUEUE = os.environ.get("MAAS_TRAINING_QUEUE", "").strip()
+TRAINING_TASK_ARGS = {"queue": TRAINING_QUEUE} if TRAINING_QUEUE else {}
 
 
 def _store() -> tuple[Any, Any]:
-    """Settings and object store for a task; imported lazily to keep DAG parsing cheap."""
-    from maas_tasks.config import load_settings
+    """Settings (MAAS_*, or the maas_store / maas_registry Connections where defined) and object store for a
+    task; imported lazily to keep DAG parsing cheap."""
+    from maas_hooks import task_settings  # plugins/
     from maas_tasks.storage import open_store
 
-    settings = load_settings()
+    settings = task_settings()
     return settings, open_store(settings=settings)
 
 
@@ -103,6 +116,30 @@ def _registry(settings: Any) -> Any:
     from maas_tasks.registry import Registry
 
     return Registry.connect(registry_dsn(settings))
+
+
+def _schedule() -> Any:
+    """The cron of MAAS_TRAINING_SCHEDULE or a new snapshot announced by maas_ingest, whichever comes first."""
+    if RETRAINING.training_schedule is None:
+        return SNAPSHOTS
+    return AssetOrTimeSchedule(timetable=NextSlotCronTimetable(RETRAINING.training_schedule, timezone="UTC"),
+                               assets=SNAPSHOTS)
+
+
+def _announcement(triggering_asset_events: Any) -> dict[str, Any] | None:
+    """The newest snapshot maas_ingest announced among the events that started this run (None: a manual or
+    cron run)."""
+    from maas_tasks.retrain import newest_announcement
+
+    events = triggering_asset_events.get(SNAPSHOTS) if triggering_asset_events else None
+    return newest_announcement([dict(e.extra or {}) for e in events or ()])
+
+
+def _run_params(params: dict[str, Any], triggering_asset_events: Any) -> dict[str, Any]:
+    """The run's params, with the ingest parameters of the snapshot maas_ingest announced (if it started it)."""
+    from maas_tasks.retrain import announced_params
+
+    return announced_params(params, _announcement(triggering_asset_events))
 
 
 def _record_failed_run(context: dict[str, Any]) -> None:
@@ -309,7 +346,7 @@ def training_params() -> dict[str, Param]:
 @dag(
     dag_id="maas_training",
     description="Train a text classifier on a labeled file and serve it with TensorFlow Serving if it passes the gate",
-    schedule=NextSlotCronTimetable("@weekly", timezone="UTC"),
+    schedule=_schedule(),
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
@@ -323,12 +360,18 @@ def training_params() -> dict[str, Param]:
 )
 def maas_training() -> None:
     @task
-    def ingest_data(params: dict[str, Any] | None = None, run_id: str | None = None) -> dict[str, Any]:
+    def ingest_data(
+        params: dict[str, Any] | None = None, run_id: str | None = None, triggering_asset_events: Any = None
+    ) -> dict[str, Any]:
         from maas_tasks.ingest import ingest_data as stage_data
+        from maas_tasks.retrain import announced_snapshot
         from maas_tasks.sample_data import sample_data_path
 
         settings, store = _store()
+        announcement = _announcement(triggering_asset_events)
         with _fail_fast(), _registry(settings) as registry:
+            if announcement is not None:  # started by maas_ingest: train on the snapshot it announced
+                return announced_snapshot(store, registry, announcement)
             return stage_data(
                 store,
                 registry,
@@ -341,10 +384,12 @@ def maas_training() -> None:
 
     @task
     def validate_data(
-        staged: dict[str, Any], params: dict[str, Any] | None = None, run_id: str | None = None
+        staged: dict[str, Any], params: dict[str, Any] | None = None, run_id: str | None = None,
+        triggering_asset_events: Any = None,
     ) -> dict[str, Any]:
         from maas_tasks.validate import validate_staged_snapshot
 
+        params = _run_params(params, triggering_asset_events)
         settings, store = _store()
         with _fail_fast(), _registry(settings) as registry:
             return validate_staged_snapshot(
@@ -361,9 +406,12 @@ def maas_training() -> None:
             )
 
     @task
-    def clean_data(snapshot: dict[str, Any], params: dict[str, Any] | None = None) -> dict[str, Any]:
+    def clean_data(
+        snapshot: dict[str, Any], params: dict[str, Any] | None = None, triggering_asset_events: Any = None
+    ) -> dict[str, Any]:
         from maas_tasks.clean import clean_snapshots, training_batches
 
+        params = _run_params(params, triggering_asset_events)
         settings, store = _store()
         with _fail_fast(), _registry(settings) as registry:
             batches = training_batches(store, registry, snapshot, window=params["batch_window"] or None)
@@ -381,10 +429,12 @@ def maas_training() -> None:
 
     @task
     def check_drift(
-        cleaned: dict[str, Any], snapshot: dict[str, Any], params: dict[str, Any] | None = None
+        cleaned: dict[str, Any], snapshot: dict[str, Any], params: dict[str, Any] | None = None,
+        triggering_asset_events: Any = None,
     ) -> dict[str, Any]:
         from maas_tasks.drift import check_drift as compare_data
 
+        params = _run_params(params, triggering_asset_events)
         settings, store = _store()
         with _fail_fast(), _registry(settings) as registry:
             return compare_data(
@@ -400,7 +450,7 @@ def maas_training() -> None:
         with _fail_fast():
             return fit_features(store, cleaned["key"], max_tokens=params["max_tokens"])
 
-    @task
+    @task(**TRAINING_TASK_ARGS)
     def train_model(features: dict[str, Any], params: dict[str, Any] | None = None) -> dict[str, Any]:
         from maas_tasks.train import train_model as fit_model
 
@@ -422,9 +472,11 @@ def maas_training() -> None:
         snapshot: dict[str, Any],
         params: dict[str, Any] | None = None,
         run_id: str | None = None,
+        triggering_asset_events: Any = None,
     ) -> dict[str, Any]:
         from maas_tasks.evaluate import evaluate_and_register
 
+        params = _run_params(params, triggering_asset_events)
         settings, store = _store()
         with _fail_fast(), _registry(settings) as registry:
             return evaluate_and_register(

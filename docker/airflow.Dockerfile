@@ -11,6 +11,17 @@ FROM apache/airflow:3.3.2-python3.11
 COPY --chown=airflow:0 requirements.txt /opt/maas/requirements.txt
 RUN pip install --no-cache-dir -r /opt/maas/requirements.txt
 
+# TENSORFLOW_VARIANT=and-cuda (the gpu profile's worker) adds NVIDIA's CUDA and cuDNN libraries, pinned in
+# docker/requirements-cuda.txt, so TensorFlow can use the GPUs the container is given; the default (cpu)
+# image goes without those gigabytes of wheels. -c keeps every package of requirements.txt at its pin.
+ARG TENSORFLOW_VARIANT=cpu
+COPY --chown=airflow:0 docker/requirements-cuda.txt /opt/maas/requirements-cuda.txt
+RUN case "$TENSORFLOW_VARIANT" in \
+      cpu) ;; \
+      and-cuda) pip install --no-cache-dir -c /opt/maas/requirements.txt -r /opt/maas/requirements-cuda.txt ;; \
+      *) echo "TENSORFLOW_VARIANT=$TENSORFLOW_VARIANT: use cpu or and-cuda" >&2; exit 1 ;; \
+    esac
+
 # --no-deps: every dependency is already pinned above; the project must not pull in anything else.
 # README.md is copied because pyproject.toml names it as the package readme (setuptools needs it to build).
 COPY --chown=airflow:0 pyproject.toml README.md /opt/maas/

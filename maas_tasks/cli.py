@@ -44,8 +44,17 @@ def _print_json_or_table(rows: list[dict[str, Any]], columns: list[str], as_json
 def cmd_stack(args: argparse.Namespace, settings: Settings) -> int:
     from maas_tasks import stack
 
+    if args.action != "up":
+        # Status and down address this MAAS_HOME's running stack, whatever the shell's variables say.
+        for note in stack.settings_disagreements(settings):
+            print(f"maas: warning: {note}; using the running stack's value", file=sys.stderr)
+        settings = stack.recorded_settings(settings)
     if args.action == "up":
-        stack.stack_up(settings, with_airflow=args.airflow)
+        if args.executor and not args.airflow:
+            raise CliError(
+                "--executor chooses Airflow's executor: use it with --airflow (maas stack up --airflow --executor celery)"
+            )
+        stack.stack_up(settings, with_airflow=args.airflow, executor=args.executor, with_gateway=args.gateway)
     elif args.action == "down":
         stack.stack_down(settings)
     else:
@@ -53,10 +62,11 @@ def cmd_stack(args: argparse.Namespace, settings: Settings) -> int:
         if args.json:
             print(json.dumps(status, indent=2))
         else:
+            width = max(map(len, status))
             for name, info in status.items():
                 state = f"running (pid {info['pid']})" if info["running"] else "stopped"
                 extra = ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("running", "pid"))
-                print(f"{name:<13} {state:<22} {extra}")
+                print(f"{name:<{width}} {state:<22} {extra}")
     return 0
 
 
@@ -144,8 +154,9 @@ def _load_dag():
 def _require_stack(settings: Settings, *, serving: bool = False) -> None:
     """Fail fast, before minutes of training, when the local stack a command needs is down."""
     from maas_tasks.postgres import local_cluster, read_status
-    from maas_tasks.stack import SERVER_NAME, process_status
+    from maas_tasks.stack import SERVER_NAME, check_stack_settings, process_status
 
+    check_stack_settings(settings)
     if settings.registry_dsn is None and not read_status(local_cluster(settings)).running:
         raise CliError("the local stack is not running: start it with `maas stack up`")
     if serving and settings.registry_dsn is None and not process_status(settings, SERVER_NAME).running:
@@ -276,6 +287,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from maas_runs import route_run_logs
 
     run_log = settings.home / "logs" / f"maas-run-{time.strftime('%Y%m%dT%H%M%S')}.log"
+    stack.make_private_dirs(settings)
+    os.close(os.open(run_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))  # Airflow's log is the owner's alone
     outcomes: list[Any] = []
 
     def on_task_finished(outcome: Any) -> None:
@@ -337,11 +350,19 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
 
     model = args.model or settings.model_name
     call = {"model": model, "version": args.version, "timeout": args.timeout, "retries": args.retries}
+    grpc_target, rest_url = settings.grpc_target, settings.rest_url
+    if args.gateway:
+        from maas_tasks.config import api_key_setting
+        from serving.gateway import first_api_key
+
+        grpc_target, rest_url = settings.gateway_grpc_target, settings.gateway_rest_url
+        # Without MAAS_API_KEY, the local gateway's key file (the user's own, 0600) provides one.
+        call["api_key"] = api_key_setting() or first_api_key(settings.gateway_keys_file)
     if args.grpc:
-        results = client.predict_grpc(args.text, target=settings.grpc_target, **call)
+        results = client.predict_grpc(args.text, target=grpc_target, **call)
     else:
-        results = client.predict_rest(args.text, rest_url=settings.rest_url, **call)
-    api = "gRPC" if args.grpc else "REST"
+        results = client.predict_rest(args.text, rest_url=rest_url, **call)
+    api = ("gRPC" if args.grpc else "REST") + (" via gateway" if args.gateway else "")
     if args.json:
         print(json.dumps(results, indent=2, default=str))
         return 0
@@ -458,7 +479,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stack", help="start, stop or inspect the local stack")
     p.add_argument("action", choices=["up", "down", "status"])
-    p.add_argument("--airflow", action="store_true", help="with up: also start `airflow standalone` (web UI)")
+    p.add_argument("--airflow", action="store_true", help="with up: also start Airflow (scheduler, web UI, ...)")
+    p.add_argument(
+        "--executor", choices=["local", "celery"],
+        help="with up --airflow: Airflow's executor (default MAAS_AIRFLOW_EXECUTOR or local); celery also starts "
+        "Redis and a Celery worker",
+    )
+    p.add_argument(
+        "--gateway", action="store_true",
+        help="with up: also start a second model server replica and the API gateway (nginx) in front of both",
+    )
     p.add_argument("--json", action="store_true", help="with status: print JSON")
     p.set_defaults(func=cmd_stack)
 
@@ -485,6 +515,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="classify texts with the served model")
     p.add_argument("text", nargs="+", help="one or more texts")
     p.add_argument("--grpc", action="store_true", help="use the gRPC API instead of REST")
+    p.add_argument(
+        "--gateway", action="store_true",
+        help="call the API gateway (MAAS_GATEWAY_*_PORT) with MAAS_API_KEY, else the local key file's first key",
+    )
     p.add_argument("--model", help="model name (default: MAAS_MODEL_NAME or sentiment)")
     p.add_argument("--version", type=int, help="a specific loaded version (default: the served one)")
     p.add_argument("--json", action="store_true", help="print JSON")

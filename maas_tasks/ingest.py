@@ -147,6 +147,14 @@ def ingest_data(
         return _existing(latest, {**base, "watermark": list(recorded)})
     digest = hash_rows(frame)
     known = registry.find_snapshot(digest) if registry is not None else None
+    if known is not None and not is_published(store, digest):
+        # Housekeeping removed its files (maas_tasks.housekeeping): stage the rows again; publishing them
+        # restores the same snapshot (same sha256, same id).
+        log.info(
+            "%s: its %d rows are snapshot %d, whose files are no longer in the store; staging them again",
+            opened.name, len(frame), known.id,
+        )
+        known = None
     if known is not None:
         log.info(
             "%s was already ingested: its %d rows are snapshot %d (sha256 %s, from %s); nothing new to stage",

@@ -102,15 +102,43 @@ def rollback_version(
     """Make an earlier (or any servable) version stable again, through the same protocol as a promotion.
 
     Args:
-        to_version: the version to serve; default the stable version before the current one (the
-            desired state's ``previous``, else the newest retired version).
+        to_version: the version to serve; default the stable version before the current one (see
+            :func:`resolve_rollback_version`).
 
     Raises:
         PromotionError: nothing to roll back to, or the version cannot be served (rejected, not exported).
+        VersionNotFound: ``to_version`` is not in the registry.
         serving.rollout.RolloutError: as for a promotion; the current stable version keeps serving.
     """
     from serving.rollout import move_stable
 
+    plan = resolve_rollback_version(registry, model_name, to_version)
+    to_version = plan["version"]
+    result = move_stable(
+        registry, model_name, to_version, expected_stable=plan["stable"],
+        reconcile_local=local_reconciler(settings, store, registry), timeout=timeout, purpose="rollback",
+    )
+    return {"model_name": model_name, "version": to_version, "outcome": result["outcome"],
+            "previous_version": plan["stable"], "stable": result["stable"], "nodes": result["nodes"]}
+
+
+def resolve_rollback_version(registry: Any, model_name: str, to_version: int | None = None) -> dict[str, Any]:
+    """The version a rollback of ``model_name`` would serve, checked, without changing anything.
+
+    A caller that may run twice (a retried task) resolves the version once and then rolls to it by number:
+    "the previous stable version" names another version once the rollback has happened.
+
+    Args:
+        to_version: the version to serve; default the stable version before the current one (the
+            desired state's ``previous``, else the newest retired version).
+
+    Returns:
+        ``model_name``, ``version`` (the one to serve) and ``stable`` (the one serving now).
+
+    Raises:
+        PromotionError: nothing to roll back to, or the version cannot be served (rejected, not exported).
+        VersionNotFound: ``to_version`` is not in the registry.
+    """
     target = registry.serving_target(model_name)
     if target is None or target.stable is None:
         raise PromotionError(f"{model_name} has no stable version yet: there is nothing to roll back from")
@@ -119,7 +147,10 @@ def rollback_version(
         if to_version is None:
             retired = [v.version for v in registry.list_versions(model_name, status="retired")]
             if not retired:
-                raise PromotionError(f"{model_name} has no earlier version to roll back to; give --to VERSION")
+                raise PromotionError(
+                    f"{model_name} has no earlier version to roll back to; name the version to serve "
+                    "(maas rollback --to VERSION, or the version param of maas_rollback)"
+                )
             to_version = max(retired)
     record = registry.get_version(model_name, to_version)
     if record.status not in ("retired", "superseded", "candidate", "serving") or not record.artifact_uri:
@@ -127,9 +158,4 @@ def rollback_version(
             f"{model_name} v{to_version} is {record.status}{'' if record.artifact_uri else ' and was never exported'}; "
             "only a version that passed the gate and was exported can serve"
         )
-    result = move_stable(
-        registry, model_name, to_version, expected_stable=target.stable,
-        reconcile_local=local_reconciler(settings, store, registry), timeout=timeout, purpose="rollback",
-    )
-    return {"model_name": model_name, "version": to_version, "outcome": result["outcome"],
-            "previous_version": target.stable, "stable": result["stable"], "nodes": result["nodes"]}
+    return {"model_name": model_name, "version": to_version, "stable": target.stable}

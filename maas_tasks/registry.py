@@ -764,6 +764,49 @@ class Registry:
             )
             self._insert_event(cur, "pinned" if pinned else "unpinned", model_name, version)
 
+    def prune_version(self, model_name: str, version: int, detail: dict[str, Any] | None = None) -> str | None:
+        """Before housekeeping deletes a version's exported model and report: check, under the model's lock,
+        that nothing may serve it, and forget where they are, so that no promotion or rollback can pick it
+        from then on (a version without an artifact cannot become canary or stable).
+
+        Returns:
+            None when its files may be deleted (a ``pruned`` event is recorded, once); otherwise why not:
+            it is the stable, canary or previous version, serving, or pinned.
+
+        Raises:
+            VersionNotFound: no such version.
+        """
+        with self._transaction() as cur:
+            # The counter row's lock serialises every change of the model's serving state (see _lock_model).
+            status = self._lock_model(cur, model_name, version)
+            cur.execute(
+                "SELECT stable, canary, previous FROM serving_targets WHERE model_name = %s FOR UPDATE", (model_name,)
+            )
+            held = cur.fetchone() or (None, None, None)
+            cur.execute(
+                "SELECT pinned, artifact_uri, report_uri FROM model_versions WHERE model_name = %s AND version = %s",
+                (model_name, version),
+            )
+            pinned, artifact_uri, report_uri = cur.fetchone()
+            if pinned:
+                return "pinned"
+            for role, holder in zip(("stable", "canary", "previous"), held):
+                if holder == version:
+                    return f"the {role} version"
+            if status == "serving":
+                return "serving"
+            if artifact_uri is None and report_uri is None:
+                return None
+            cur.execute(
+                "UPDATE model_versions SET artifact_uri = NULL, report_uri = NULL WHERE model_name = %s AND version = %s",
+                (model_name, version),
+            )
+            self._insert_event(
+                cur, "pruned", model_name, version,
+                {"artifact_uri": artifact_uri, "report_uri": report_uri, **(detail or {})},
+            )
+        return None
+
     def serving_target(self, model_name: str) -> ServingTarget | None:
         """The desired serving state of ``model_name``, or None before anything was put in front of users."""
         targets = self._select_targets("WHERE model_name = %s", (model_name,))

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
@@ -54,6 +55,7 @@ class Store(Protocol):
     def exists(self, key: str) -> bool: ...
     def list_keys(self, prefix: str = "") -> list[str]: ...
     def delete(self, key: str) -> None: ...
+    def modified_at(self, key: str) -> datetime: ...
 
 
 def check_key(key: str) -> str:
@@ -150,6 +152,17 @@ class FileStore:
         while parent != self.root and parent.is_dir() and not any(parent.iterdir()):
             parent.rmdir()
             parent = parent.parent
+
+    def modified_at(self, key: str) -> datetime:
+        """When the object at ``key`` was last written (housekeeping spares what was written recently)."""
+        try:
+            return datetime.fromtimestamp(self._path(key).stat().st_mtime, timezone.utc)
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{self.uri(key)} does not exist") from None
+
+    def temporary_files(self) -> list[Path]:
+        """Files a writer left under their temporary names (it was killed before the rename)."""
+        return sorted(p for p in self.root.rglob("*.tmp-*") if p.is_file()) if self.root.is_dir() else []
 
 
 class S3Store:
@@ -256,6 +269,11 @@ class S3Store:
 
     def delete(self, key: str) -> None:
         self._call("deleting", key, self._client.remove_object, self.bucket, self._name(key))
+
+    def modified_at(self, key: str) -> datetime:
+        """When the object at ``key`` was last written (housekeeping spares what was written recently)."""
+        stat = self._call("checking", key, self._client.stat_object, self.bucket, self._name(key))
+        return stat.last_modified
 
 
 def open_store(url: str | None = None, settings: Settings | None = None) -> FileStore | S3Store:

@@ -151,6 +151,16 @@ class _TaskFileHandler(logging.Handler):
             self.handleError(record)
 
 
+class _MaskingFormatter(logging.Formatter):
+    """Masks the secrets Airflow knows (connection passwords, ...) in a formatted record, as Airflow's own
+    log processors do for structlog events."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from airflow.sdk._shared.secrets_masker import redact
+
+        return redact(super().format(record))
+
+
 def _is_console(handler: logging.Handler) -> bool:
     return isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) in (
         sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__
@@ -196,7 +206,7 @@ def route_run_logs(
     root = logging.getLogger()
     console_handlers = [] if to_console else [h for h in root.handlers if _is_console(h)]
     file_handler = logging.StreamHandler(text)
-    file_handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)-8s] %(message)s [%(name)s]"))
+    file_handler.setFormatter(_MaskingFormatter("%(asctime)s [%(levelname)-8s] %(message)s [%(name)s]"))
     task_handler = _TaskFileHandler(writer)
     manager = get_listener_manager()
     processors = list(structlog.get_config()["processors"])

@@ -5,6 +5,10 @@ Used by the CLI, promotion and tests. Predictions come back as plain dicts
 :class:`ServingClientError` carrying the server's gRPC code name and message, or
 :class:`ServerUnreachable` when nothing answers at the address. The gRPC stubs (and TensorFlow,
 which they import) are loaded only when a gRPC function is called, so REST callers stay light.
+
+Every call sends an API key when it has one (``api_key``, by default ``MAAS_API_KEY``): the ``X-API-Key``
+header over REST, the ``x-api-key`` metadata over gRPC, as the API gateway (:mod:`serving.gateway`)
+expects; a model server reached directly ignores it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import quote
 
+from maas_tasks.config import api_key_setting
 from maas_tasks.tf_runtime import import_tensorflow
 from serving.model_config import ModelServerConfig
 
@@ -40,6 +45,7 @@ _CODE_BY_HTTP_STATUS = {
     499: "CANCELLED",
     500: "INTERNAL",
     501: "UNIMPLEMENTED",
+    502: "UNAVAILABLE",  # a gateway found no replica to answer: as gRPC maps it, worth another try
     503: "UNAVAILABLE",
     504: "DEADLINE_EXCEEDED",
 }
@@ -102,9 +108,22 @@ def _model_path(model: str, version: int | None = None, label: str | None = None
     return path
 
 
-def _http_json(method: str, url: str, body: dict | None, timeout: float) -> dict:
+def _api_key(api_key: str | None) -> str | None:
+    return api_key if api_key is not None else api_key_setting()
+
+
+def _grpc_metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
+    key = _api_key(api_key)
+    return (("x-api-key", key),) if key else None
+
+
+def _http_json(method: str, url: str, body: dict | None, timeout: float, api_key: str | None = None) -> dict:
     data = None if body is None else json.dumps(body).encode("utf-8")
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    key = _api_key(api_key)
+    if key:
+        headers["X-API-Key"] = key
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())
@@ -146,6 +165,7 @@ def predict_rest(
     version: int | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     retries: int = DEFAULT_RETRIES,
+    api_key: str | None = None,
 ) -> list[dict]:
     """Predict over REST (``POST /v1/models/{model}[/versions/{v}]:predict``, row format).
 
@@ -163,13 +183,14 @@ def predict_rest(
     texts = list(texts)
     url = rest_url.rstrip("/")
     answer = with_retries(
-        lambda: _http_json("POST", f"{url}{_model_path(model, version)}:predict", {"instances": texts}, timeout), retries
+        lambda: _http_json("POST", f"{url}{_model_path(model, version)}:predict", {"instances": texts}, timeout, api_key),
+        retries,
     )
     predictions = answer.get("predictions")
     if not isinstance(predictions, list) or len(predictions) != len(texts):
         raise ServingClientError("INTERNAL", f"unexpected predict response: {json.dumps(answer)[:300]}", url)
     if version is None:
-        statuses = get_model_status_rest(model, rest_url=rest_url, timeout=timeout, retries=retries)
+        statuses = get_model_status_rest(model, rest_url=rest_url, timeout=timeout, retries=retries, api_key=api_key)
         available = [s["version"] for s in statuses if s["state"] == "AVAILABLE"]
         version = max(available) if available else None
     return _rows(
@@ -200,6 +221,7 @@ def get_model_status_rest(
     version: int | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     retries: int = DEFAULT_RETRIES,
+    api_key: str | None = None,
 ) -> list[dict]:
     """Status of a model's versions over REST.
 
@@ -210,7 +232,8 @@ def get_model_status_rest(
         ServingClientError: e.g. NOT_FOUND for an unknown model. ServerUnreachable: no server there.
     """
     url = rest_url.rstrip("/") + _model_path(model, version)
-    return _status_rows(with_retries(lambda: _http_json("GET", url, None, timeout), retries).get("model_version_status", []))
+    answer = with_retries(lambda: _http_json("GET", url, None, timeout, api_key), retries)
+    return _status_rows(answer.get("model_version_status", []))
 
 
 def _grpc_call(target: str, what: str, call, timeout: float):
@@ -236,6 +259,7 @@ def predict_grpc(
     version: int | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     retries: int = DEFAULT_RETRIES,
+    api_key: str | None = None,
 ) -> list[dict]:
     """Predict over gRPC (``PredictionService/Predict``, signature ``serving_default``).
 
@@ -259,10 +283,14 @@ def predict_grpc(
     if version is not None:
         request.model_spec.version.value = int(version)
     request.inputs["text"].CopyFrom(tf.make_tensor_proto([t.encode("utf-8") for t in texts], dtype=tf.string, shape=[len(texts)]))
+    metadata = _grpc_metadata(api_key)
     with grpc.insecure_channel(target) as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         response = with_retries(
-            lambda: _grpc_call(target, "Predict", lambda: stub.Predict(request, timeout=timeout), timeout), retries
+            lambda: _grpc_call(
+                target, "Predict", lambda: stub.Predict(request, timeout=timeout, metadata=metadata), timeout
+            ),
+            retries,
         )
     try:
         scores = tf.make_ndarray(response.outputs["scores"]).tolist()
@@ -275,7 +303,8 @@ def predict_grpc(
 
 
 def get_model_status_grpc(
-    model: str, *, target: str, version: int | None = None, timeout: float = DEFAULT_TIMEOUT
+    model: str, *, target: str, version: int | None = None, timeout: float = DEFAULT_TIMEOUT,
+    api_key: str | None = None,
 ) -> list[dict]:
     """Status of a model's versions over gRPC (``ModelService/GetModelStatus``).
 
@@ -294,7 +323,10 @@ def get_model_status_grpc(
         request.model_spec.version.value = int(version)
     with grpc.insecure_channel(target) as channel:
         stub = model_service_pb2_grpc.ModelServiceStub(channel)
-        response = _grpc_call(target, "GetModelStatus", lambda: stub.GetModelStatus(request, timeout=timeout), timeout)
+        response = _grpc_call(
+            target, "GetModelStatus",
+            lambda: stub.GetModelStatus(request, timeout=timeout, metadata=_grpc_metadata(api_key)), timeout,
+        )
     answer: dict[str, Any] = json_format.MessageToDict(
         response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )

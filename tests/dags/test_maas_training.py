@@ -78,7 +78,9 @@ def test_schedule_tags_and_docs(dag):
     from maas_timetables import NextSlotCronTimetable
 
     assert dag.dag_id == DAG_FILE.stem
-    assert isinstance(dag.timetable, NextSlotCronTimetable) and dag.timetable.summary == "0 0 * * 0"
+    # Weekly (MAAS_TRAINING_SCHEDULE) or when maas_ingest announces a snapshot (tests/dags/test_maas_ingest.py).
+    assert isinstance(dag.timetable.timetable, NextSlotCronTimetable) and dag.timetable.timetable.summary == "0 0 * * 0"
+    assert dag.timetable.asset_condition.name == "maas_snapshots_sentiment"
     assert dag.catchup is False
     assert dag.max_active_runs == 1
     assert {"maas", "training"} <= set(dag.tags)

@@ -1,6 +1,6 @@
 """The training DAG in the Airflow web UI, in headless Chromium, as a new user meets it.
 
-Against ``airflow standalone`` on the local stack (see ``tests/fixtures/browser.py``): the trigger form
+Against Airflow on the local stack (see ``tests/fixtures/browser.py``): the trigger form
 works with its defaults and refuses bad values, a run triggered from it succeeds, unpausing starts no
 missed run, and the task logs of runs started from the UI and from ``maas run`` show training progress
 and the metrics. The tests share one stack and run in file order.

@@ -120,3 +120,27 @@ def test_the_run_summary_says_where_the_data_came_from_and_what_was_set_aside():
     again = format_data_lines({**snapshot, "quarantined_rows": 0, "drift": {}}, "run-2")
     assert again == ["data       snapshot 4 of reviews.csv: 400 rows (already ingested by run run-1)",
                      "           Data Docs: file:///s/validation/x/docs/v.html"]
+
+
+def test_stack_commands_address_the_running_stack_and_refuse_an_executor_without_airflow(monkeypatch, tmp_path, capsys):
+    import json
+
+    from maas_tasks import stack
+    from maas_tasks.config import load_settings
+
+    monkeypatch.setenv("MAAS_HOME", str(tmp_path))
+    assert main(["stack", "up", "--executor", "celery"]) == 2
+    assert "use it with --airflow" in capsys.readouterr().err
+    recorded = load_settings({"MAAS_HOME": str(tmp_path), "MAAS_GRPC_PORT": str(find_free_port())})
+    stack.write_stack_state(recorded)
+    stack._start_process(recorded, stack.SERVER_NAME, ["sleep", "60"], {"PATH": "/usr/bin:/bin"})
+    try:
+        monkeypatch.setenv("MAAS_GRPC_PORT", str(find_free_port()))  # another stack's port
+        assert main(["stack", "status", "--json"]) == 0
+        captured = capsys.readouterr()
+        assert f"was started with MAAS_GRPC_PORT={recorded.grpc_port}; using the running stack's value" in captured.err
+        assert json.loads(captured.out)["model-server"]["grpc"] == recorded.grpc_target
+        assert main(["models"]) == 2
+        assert "Unset the variable" in capsys.readouterr().err
+    finally:
+        stack._stop_process(recorded, stack.SERVER_NAME)

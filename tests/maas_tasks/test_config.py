@@ -100,3 +100,38 @@ def test_settings_survive_the_trip_through_a_child_process_environment(tmp_path)
                               "MAAS_S3_ENDPOINT": "http://127.0.0.1:9000"})
     assert load_settings(settings_environment(settings)) == settings
     assert load_settings(settings_environment(load_settings({"MAAS_HOME": str(tmp_path)}))).node_id == "local"
+
+
+def test_retraining_settings_defaults_and_overrides(tmp_path):
+    from maas_tasks.config import load_retraining_settings
+
+    defaults = load_retraining_settings({"MAAS_HOME": str(tmp_path)})
+    assert (defaults.training_schedule, defaults.ingest_schedule, defaults.housekeeping_schedule) == (
+        "@weekly", "*/5 * * * *", "0 3 * * *"
+    )
+    assert defaults.ingest_source == str(tmp_path / "incoming")
+    assert (defaults.retrain_on, defaults.keep_versions, defaults.model_name) == ("new_data", 5, "sentiment")
+    given = load_retraining_settings({
+        "MAAS_HOME": str(tmp_path), "MAAS_TRAINING_SCHEDULE": "none", "MAAS_INGEST_SCHEDULE": " 0  * * * * ",
+        "MAAS_HOUSEKEEPING_SCHEDULE": "@daily", "MAAS_INGEST_SOURCE": "s3://bucket/in", "MAAS_RETRAIN_ON": "Drift",
+        "MAAS_KEEP_VERSIONS": "2", "MAAS_MODEL_NAME": "reviews",
+    })
+    assert (given.training_schedule, given.ingest_schedule, given.housekeeping_schedule) == (None, "0 * * * *", "@daily")
+    assert (given.ingest_source, given.retrain_on, given.keep_versions, given.model_name) == (
+        "s3://bucket/in", "drift", 2, "reviews"
+    )
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [({"MAAS_TRAINING_SCHEDULE": "every sunday"}, "MAAS_TRAINING_SCHEDULE='every sunday' is not a cron expression"),
+     ({"MAAS_INGEST_SCHEDULE": "61 * * * *"}, "MAAS_INGEST_SCHEDULE"),
+     ({"MAAS_RETRAIN_ON": "always"}, "MAAS_RETRAIN_ON='always' is not one of new_data, drift"),
+     ({"MAAS_KEEP_VERSIONS": "0"}, "MAAS_KEEP_VERSIONS='0' is not a whole number from 1 to 1000"),
+     ({"MAAS_KEEP_VERSIONS": "two"}, "MAAS_KEEP_VERSIONS='two'")],
+)
+def test_bad_retraining_settings_name_the_variable(env, message, tmp_path):
+    from maas_tasks.config import load_retraining_settings
+
+    with pytest.raises(ConfigError, match=message):
+        load_retraining_settings({"MAAS_HOME": str(tmp_path), **env})

@@ -163,3 +163,22 @@ def test_s3_prefix_scopes_the_store(s3_env):
 
 def test_check_key_normalises():
     assert check_key("/a/b/") == "a/b"
+
+
+def test_modified_at_is_when_an_object_was_last_written(store):
+    from datetime import datetime, timedelta, timezone
+
+    before = datetime.now(timezone.utc) - timedelta(seconds=5)
+    store.put_bytes("dated/a.txt", b"x")
+    assert before <= store.modified_at("dated/a.txt") <= datetime.now(timezone.utc) + timedelta(seconds=5)
+    with pytest.raises(ObjectNotFound):
+        store.modified_at("dated/missing.txt")
+
+
+def test_a_file_store_lists_the_temporary_files_killed_writers_left(tmp_path):
+    store = FileStore(tmp_path / "store")
+    assert store.temporary_files() == []
+    store.put_bytes("a/b.json", b"{}")
+    left = tmp_path / "store" / "a" / ".b.json.tmp-0123"
+    left.write_bytes(b"half")
+    assert store.temporary_files() == [left] and store.list_keys() == ["a/b.json"]
