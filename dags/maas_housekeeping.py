@@ -23,12 +23,11 @@ run* ticked.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
 from airflow.sdk import Param, dag, task
+from maas_hooks import fail_fast, task_registry, task_store  # plugins/
 from maas_timetables import NextSlotCronTimetable
 
 from maas_tasks.config import MAX_KEEP_VERSIONS, load_retraining_settings
@@ -41,36 +40,6 @@ KEEP_CHOICES = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 15, 20, 30, 50, 100)
 # Longer than the DAGs' run timeouts (maas_training: 6 hours), so no object of a run in progress is deleted.
 MIN_AGE_HOURS = (12, 24, 48, 72, 168)
 RETRAINING = load_retraining_settings()
-
-
-def _store() -> tuple[Any, Any]:
-    """Settings (MAAS_*, or the maas_store / maas_registry Connections where defined) and object store for a
-    task; imported lazily to keep DAG parsing cheap."""
-    from maas_hooks import task_settings  # plugins/
-    from maas_tasks.storage import open_store
-
-    settings = task_settings()
-    return settings, open_store(settings=settings)
-
-
-def _registry(settings: Any) -> Any:
-    """A registry connection for a task, to use in a ``with`` block (closed at its end)."""
-    from maas_tasks.postgres import registry_dsn
-    from maas_tasks.registry import Registry
-
-    return Registry.connect(registry_dsn(settings))
-
-
-@contextmanager
-def _fail_fast() -> Iterator[None]:
-    """A bad parameter or setting fails the task at once; a store or registry out of reach is retried (a
-    retry plans again from what is left, so it never deletes twice)."""
-    from airflow.sdk.exceptions import AirflowFailException
-
-    try:
-        yield
-    except ValueError as exc:
-        raise AirflowFailException(str(exc)) from exc
 
 
 def housekeeping_params() -> dict[str, Param]:
@@ -119,8 +88,8 @@ def maas_housekeeping() -> None:
         from maas_tasks.config import load_retraining_settings as current
         from maas_tasks.housekeeping import run_housekeeping
 
-        settings, store = _store()
-        with _fail_fast(), _registry(settings) as registry:
+        settings, store = task_store()
+        with fail_fast(), task_registry(settings) as registry:
             return run_housekeeping(
                 store, registry, keep_versions=params["keep_versions"] or current().keep_versions,
                 min_age=timedelta(hours=params["min_age_hours"]), dry_run=bool(params["dry_run"]), run_id=run_id,

@@ -24,12 +24,11 @@ missed look is never caught up, and one look runs at a time. **Run it now:** pre
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
 from airflow.sdk import Asset, Param, dag, task
+from maas_hooks import fail_fast, task_registry, task_store  # plugins/
 from maas_timetables import NextSlotCronTimetable
 
 from maas_tasks.config import LABEL_MAP_EXAMPLE, load_retraining_settings
@@ -46,38 +45,6 @@ ANNOUNCED_LOOKBACK = 1000
 # Read when the file is parsed: the Asset and the schedule are part of the DAG's definition.
 RETRAINING = load_retraining_settings()
 SNAPSHOTS = Asset(**snapshot_asset(RETRAINING.model_name))
-
-
-def _store() -> tuple[Any, Any]:
-    """Settings (MAAS_*, or the maas_store / maas_registry Connections where defined) and object store for a
-    task; imported lazily to keep DAG parsing cheap."""
-    from maas_hooks import task_settings  # plugins/
-    from maas_tasks.storage import open_store
-
-    settings = task_settings()
-    return settings, open_store(settings=settings)
-
-
-def _registry(settings: Any) -> Any:
-    """A registry connection for a task, to use in a ``with`` block (closed at its end)."""
-    from maas_tasks.postgres import registry_dsn
-    from maas_tasks.registry import Registry
-
-    return Registry.connect(registry_dsn(settings))
-
-
-@contextmanager
-def _fail_fast() -> Iterator[None]:
-    """Failures a retry cannot fix (bad data or parameters: a stage's ValueError) fail the task at once, with
-    the stage's message; passing faults (a registry or S3 server out of reach) are retried."""
-    from airflow.sdk.exceptions import AirflowFailException
-
-    from maas_tasks.errors import PermanentError
-
-    try:
-        yield
-    except (ValueError, PermanentError) as exc:
-        raise AirflowFailException(str(exc)) from exc
 
 
 def _label_map(params: dict[str, Any]) -> dict[str, str] | None:
@@ -172,8 +139,8 @@ def maas_ingest() -> None:
         from maas_tasks.config import load_retraining_settings as current
         from maas_tasks.retrain import look_at_source as look
 
-        _, store = _store()
-        with _fail_fast():
+        _, store = task_store()
+        with fail_fast():
             result = look(
                 store, params["source"] or current().ingest_source, model_name=RETRAINING.model_name,
                 params=_look_params(params), announced=_announced(inlet_events),
@@ -186,8 +153,8 @@ def maas_ingest() -> None:
     def ingest_data(look: dict[str, Any], params: dict[str, Any] | None = None, run_id: str | None = None) -> dict[str, Any]:
         from maas_tasks.ingest import ingest_data as stage_data
 
-        settings, store = _store()
-        with _fail_fast(), _registry(settings) as registry:
+        settings, store = task_store()
+        with fail_fast(), task_registry(settings) as registry:
             return stage_data(
                 store, registry, look["source"], run_id=run_id, table_query=params["table_query"] or None,
                 watermark_col=params["watermark_col"] or None, settings=settings,
@@ -199,8 +166,8 @@ def maas_ingest() -> None:
     ) -> dict[str, Any]:
         from maas_tasks.validate import validate_staged_snapshot
 
-        settings, store = _store()
-        with _fail_fast(), _registry(settings) as registry:
+        settings, store = task_store()
+        with fail_fast(), task_registry(settings) as registry:
             snapshot = validate_staged_snapshot(
                 store, registry, staged, text_col=params["text_col"], label_col=params["label_col"],
                 id_col=params["id_col"] or None, group_col=params["group_col"] or None, label_map=_label_map(params),
@@ -212,8 +179,8 @@ def maas_ingest() -> None:
     def clean_data(snapshot: dict[str, Any], params: dict[str, Any] | None = None) -> dict[str, Any]:
         from maas_tasks.clean import clean_snapshots, training_batches
 
-        settings, store = _store()
-        with _fail_fast(), _registry(settings) as registry:
+        settings, store = task_store()
+        with fail_fast(), task_registry(settings) as registry:
             return clean_snapshots(
                 store, training_batches(store, registry, snapshot), text_col=params["text_col"],
                 label_col=params["label_col"], id_col=params["id_col"] or None, group_col=params["group_col"] or None,
@@ -224,8 +191,8 @@ def maas_ingest() -> None:
     def check_drift(cleaned: dict[str, Any], snapshot: dict[str, Any]) -> dict[str, Any]:
         from maas_tasks.drift import check_drift as compare_data
 
-        settings, store = _store()
-        with _fail_fast(), _registry(settings) as registry:
+        settings, store = task_store()
+        with fail_fast(), task_registry(settings) as registry:
             report = compare_data(store, registry, cleaned["key"], snapshot["snapshot_id"], model_name=RETRAINING.model_name)
         return {k: report[k] for k in ("compared", "flagged", "reasons", "message", "report_uri")}
 
@@ -244,8 +211,8 @@ def maas_ingest() -> None:
         from maas_tasks.config import load_retraining_settings as current
         from maas_tasks.retrain import decide_announcement, record_look
 
-        settings, store = _store()
-        with _registry(settings) as registry:
+        settings, store = task_store()
+        with task_registry(settings) as registry:
             trained = [v.version for v in registry.list_versions(RETRAINING.model_name)
                        if v.snapshot_id == snapshot["snapshot_id"]]
         decision = decide_announcement(

@@ -20,12 +20,11 @@ requests on every model server, then the servers swap with no failed request.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
 from airflow.sdk import Param, dag, task
+from maas_hooks import fail_fast, task_registry, task_store  # plugins/
 
 from maas_tasks.config import MODEL_NAME_PATTERN
 
@@ -34,40 +33,6 @@ log = logging.getLogger(__name__)
 DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(seconds=30), "owner": "maas"}
 # A rollback waits at most a few minutes per phase for the model servers; an hour ends any stuck run.
 DAGRUN_TIMEOUT = timedelta(hours=1)
-
-
-def _store() -> tuple[Any, Any]:
-    """Settings (MAAS_*, or the maas_store / maas_registry Connections where defined) and object store for a
-    task; imported lazily to keep DAG parsing cheap."""
-    from maas_hooks import task_settings  # plugins/
-    from maas_tasks.storage import open_store
-
-    settings = task_settings()
-    return settings, open_store(settings=settings)
-
-
-def _registry(settings: Any) -> Any:
-    """A registry connection for a task, to use in a ``with`` block (closed at its end)."""
-    from maas_tasks.postgres import registry_dsn
-    from maas_tasks.registry import Registry
-
-    return Registry.connect(registry_dsn(settings))
-
-
-@contextmanager
-def _fail_fast() -> Iterator[None]:
-    """Failures a retry cannot fix (no such version, one that cannot serve, one that fails to load or
-    answers unlike the exported model) fail the task at once, with the message; passing faults (a model
-    server that cannot be reached in time) are retried."""
-    from airflow.sdk.exceptions import AirflowFailException
-
-    from maas_tasks.errors import PermanentError
-    from maas_tasks.registry import VersionNotFound
-
-    try:
-        yield
-    except (ValueError, PermanentError, VersionNotFound) as exc:
-        raise AirflowFailException(str(exc)) from exc
 
 
 def rollback_params() -> dict[str, Param]:
@@ -112,9 +77,9 @@ def maas_rollback() -> None:
     def resolve_rollback_version(params: dict[str, Any] | None = None) -> dict[str, Any]:
         from maas_tasks.promote import resolve_rollback_version as resolve
 
-        settings, _ = _store()
+        settings, _ = task_store()
         model_name = params["model_name"] or settings.model_name
-        with _fail_fast(), _registry(settings) as registry:
+        with fail_fast(), task_registry(settings) as registry:
             plan = resolve(registry, model_name, params["version"])
         log.info("%s: v%s serves now; rolling back to v%s", model_name, plan["stable"], plan["version"])
         return plan
@@ -125,8 +90,8 @@ def maas_rollback() -> None:
 
         from maas_tasks.promote import rollback_version as roll_back
 
-        settings, store = _store()
-        with _fail_fast(), _registry(settings) as registry:
+        settings, store = task_store()
+        with fail_fast(), task_registry(settings) as registry:
             result = roll_back(settings, store, registry, plan["model_name"], plan["version"])
         name = result["model_name"]
         if result["outcome"] == "superseded":

@@ -36,7 +36,8 @@ ingest → validate → clean → features → train → evaluate → gate → e
 limits; empty optional fields use the defaults, and an empty *Data file* trains on the bundled sample),
 then press **Trigger** at the bottom of the form.
 
-**Schedule:** on MAAS_TRAINING_SCHEDULE (a cron, default every Sunday at 00:00 UTC) on the defaults, and
+**Schedule:** on MAAS_TRAINING_SCHEDULE (a cron, default every Sunday at 00:00 UTC) on the defaults (the
+data is the watched source, MAAS_INGEST_SOURCE, once it holds any; the bundled sample before), and
 whenever `maas_ingest` announces a new snapshot (the Asset `maas_snapshots_<model>`), once the DAG is
 unpaused. A run the Asset starts trains on the snapshot it names, with the ingest parameters (columns,
 label map) it carries. Unpausing (the toggle, or *Unpause maas_training on trigger* in the trigger form)
@@ -48,12 +49,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
 from airflow.sdk import Asset, AssetOrTimeSchedule, Param, dag, task
+from maas_hooks import fail_fast, task_registry, task_store  # plugins/
 from maas_timetables import NextSlotCronTimetable
 
 from maas_tasks.config import LABEL_MAP_EXAMPLE, MODEL_NAME_PATTERN, load_retraining_settings
@@ -78,44 +78,12 @@ TRAINING_QUEUE = os.environ.get("MAAS_TRAINING_QUEUE", "").strip()
 TRAINING_TASK_ARGS = {"queue": TRAINING_QUEUE} if TRAINING_QUEUE else {}
 
 
-def _store() -> tuple[Any, Any]:
-    """Settings (MAAS_*, or the maas_store / maas_registry Connections where defined) and object store for a
-    task; imported lazily to keep DAG parsing cheap."""
-    from maas_hooks import task_settings  # plugins/
-    from maas_tasks.storage import open_store
-
-    settings = task_settings()
-    return settings, open_store(settings=settings)
-
-
-@contextmanager
-def _fail_fast() -> Iterator[None]:
-    """Failures a retry cannot fix (bad data or parameters: a stage's ValueError; a model that cannot be
-    served: PermanentError) fail the task at once, with the stage's message; passing faults are retried."""
-    from airflow.sdk.exceptions import AirflowFailException
-
-    from maas_tasks.errors import PermanentError
-
-    try:
-        yield
-    except (ValueError, PermanentError) as exc:
-        raise AirflowFailException(str(exc)) from exc
-
-
 def _label_map(params: dict[str, Any]) -> dict[str, str] | None:
     """The label_map Param as {raw label: class name} (a malformed one fails the task: a ConfigError is a
     ValueError)."""
     from maas_tasks.config import parse_label_map
 
     return parse_label_map(params["label_map"], source="label_map")
-
-
-def _registry(settings: Any) -> Any:
-    """A registry connection for a task, to use in a ``with`` block (closed at its end)."""
-    from maas_tasks.postgres import registry_dsn
-    from maas_tasks.registry import Registry
-
-    return Registry.connect(registry_dsn(settings))
 
 
 def _schedule() -> Any:
@@ -149,8 +117,8 @@ def _record_failed_run(context: dict[str, Any]) -> None:
     try:
         run_id = context["dag_run"].run_id
         task = context.get("ti") or context.get("task_instance")
-        settings, _ = _store()
-        with _registry(settings) as registry:
+        settings, _ = task_store()
+        with task_registry(settings) as registry:
             registry.mark_run_failed(
                 run_id, tasks=[task.task_id] if task is not None else [], reason=str(context.get("reason") or "a task failed")
             )
@@ -364,18 +332,22 @@ def maas_training() -> None:
         params: dict[str, Any] | None = None, run_id: str | None = None, triggering_asset_events: Any = None
     ) -> dict[str, Any]:
         from maas_tasks.ingest import ingest_data as stage_data
-        from maas_tasks.retrain import announced_snapshot
+        from maas_tasks.retrain import announced_snapshot, scheduled_source
         from maas_tasks.sample_data import sample_data_path
 
-        settings, store = _store()
+        settings, store = task_store()
         announcement = _announcement(triggering_asset_events)
-        with _fail_fast(), _registry(settings) as registry:
+        with fail_fast(), task_registry(settings) as registry:
             if announcement is not None:  # started by maas_ingest: train on the snapshot it announced
                 return announced_snapshot(store, registry, announcement)
+            source = params["data_path"] or str(sample_data_path())
+            if not params["data_path"] and run_id and run_id.startswith("scheduled__"):
+                source = scheduled_source(RETRAINING.ingest_source, source)
+            log.info("data source: %s", source)
             return stage_data(
                 store,
                 registry,
-                params["data_path"] or str(sample_data_path()),
+                source,
                 run_id=run_id,
                 table_query=params["table_query"] or None,
                 watermark_col=params["watermark_col"] or None,
@@ -390,8 +362,8 @@ def maas_training() -> None:
         from maas_tasks.validate import validate_staged_snapshot
 
         params = _run_params(params, triggering_asset_events)
-        settings, store = _store()
-        with _fail_fast(), _registry(settings) as registry:
+        settings, store = task_store()
+        with fail_fast(), task_registry(settings) as registry:
             return validate_staged_snapshot(
                 store,
                 registry,
@@ -412,8 +384,8 @@ def maas_training() -> None:
         from maas_tasks.clean import clean_snapshots, training_batches
 
         params = _run_params(params, triggering_asset_events)
-        settings, store = _store()
-        with _fail_fast(), _registry(settings) as registry:
+        settings, store = task_store()
+        with fail_fast(), task_registry(settings) as registry:
             batches = training_batches(store, registry, snapshot, window=params["batch_window"] or None)
             return clean_snapshots(
                 store,
@@ -435,8 +407,8 @@ def maas_training() -> None:
         from maas_tasks.drift import check_drift as compare_data
 
         params = _run_params(params, triggering_asset_events)
-        settings, store = _store()
-        with _fail_fast(), _registry(settings) as registry:
+        settings, store = task_store()
+        with fail_fast(), task_registry(settings) as registry:
             return compare_data(
                 store, registry, cleaned["key"], snapshot["snapshot_id"],
                 model_name=params["model_name"] or settings.model_name,
@@ -446,16 +418,16 @@ def maas_training() -> None:
     def build_features(cleaned: dict[str, Any], params: dict[str, Any] | None = None) -> dict[str, Any]:
         from maas_tasks.features import build_features as fit_features
 
-        _, store = _store()
-        with _fail_fast():
+        _, store = task_store()
+        with fail_fast():
             return fit_features(store, cleaned["key"], max_tokens=params["max_tokens"])
 
     @task(**TRAINING_TASK_ARGS)
     def train_model(features: dict[str, Any], params: dict[str, Any] | None = None) -> dict[str, Any]:
         from maas_tasks.train import train_model as fit_model
 
-        settings, store = _store()
-        with _fail_fast():
+        settings, store = task_store()
+        with fail_fast():
             result = fit_model(
                 store,
                 features["key"],
@@ -477,8 +449,8 @@ def maas_training() -> None:
         from maas_tasks.evaluate import evaluate_and_register
 
         params = _run_params(params, triggering_asset_events)
-        settings, store = _store()
-        with _fail_fast(), _registry(settings) as registry:
+        settings, store = task_store()
+        with fail_fast(), task_registry(settings) as registry:
             return evaluate_and_register(
                 store,
                 registry,
@@ -504,16 +476,16 @@ def maas_training() -> None:
     def export_model(evaluation: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
         from maas_tasks.export import export_registered_version
 
-        settings, store = _store()
-        with _fail_fast(), _registry(settings) as registry:
+        settings, store = task_store()
+        with fail_fast(), task_registry(settings) as registry:
             return export_registered_version(store, registry, trained["key"], evaluation)
 
     @task
     def promote_model(exported: dict[str, Any]) -> dict[str, Any]:
         from maas_tasks.promote import promote_registered_version
 
-        settings, store = _store()
-        with _fail_fast(), _registry(settings) as registry:
+        settings, store = task_store()
+        with fail_fast(), task_registry(settings) as registry:
             result = promote_registered_version(
                 settings, store, registry, exported["model_name"], exported["version"]
             )

@@ -835,6 +835,14 @@ class Registry:
                 (node_id, grpc_target, rest_url, Json(report)),
             )
 
+    def forget_node(self, node_id: str) -> bool:
+        """Remove a serving node that was stopped on purpose, so promotions stop waiting for it (a node that
+        just dies still counts until its last report is older than the rollout's node TTL). False when
+        the registry did not know it. A node that reports again is registered again."""
+        with self._transaction() as cur:
+            cur.execute("DELETE FROM serving_nodes WHERE node_id = %s", (node_id,))
+            return cur.rowcount > 0
+
     def serving_nodes(self, *, seen_within: float | None = None) -> list[ServingNode]:
         """The known serving nodes, optionally only those that reported within ``seen_within`` seconds."""
         clause, params = ("WHERE last_seen > now() - make_interval(secs => %s)", (seen_within,)) if seen_within else ("", ())

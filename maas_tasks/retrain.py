@@ -71,6 +71,25 @@ def _waiting_for_data(source: str) -> bool:
     return path.is_dir()
 
 
+def scheduled_source(watched: str, fallback: str) -> str:
+    """The data a scheduled training run with no data source given trains on: the watched source
+    (``MAAS_INGEST_SOURCE``) once it holds data, so the weekly run retrains on what has landed, else
+    ``fallback`` (the bundled sample) until then. A watched source that cannot be used as given is an
+    error, not a reason to train on the sample.
+
+    Raises:
+        IngestError: the watched source is malformed (the message says what to pass).
+    """
+    from maas_tasks.sources import IngestError, check_source
+
+    try:
+        return check_source(watched)
+    except IngestError:
+        if _waiting_for_data(watched):
+            return fallback
+        raise
+
+
 def read_last_look(store: Store, model_name: str, source_uri: str) -> dict[str, Any] | None:
     """The record of the last look at ``source_uri`` that completed (for ``model_name``), or None."""
     try:

@@ -838,9 +838,33 @@ def stack_down(settings: Settings, echo=print) -> None:
             echo(f"{name:<12} stopped")
     for name in (SYNC_NAME, SERVER_NAME):
         echo(f"{name:<12} {'stopped' if _stop_process(settings, name) else 'was not running'}")
+    forget_stack_nodes(settings)
     stopped = postgres.stop_cluster(postgres.local_cluster(settings))
     echo(f"{'postgres':<12} {'stopped' if stopped else 'was not running'}")
     stack_state_file(settings.home).unlink(missing_ok=True)
+
+
+def forget_stack_nodes(settings: Settings) -> list[str]:
+    """Remove this stack's serving nodes (``MAAS_NODE_ID`` and the gateway's replica) from the registry once
+    their agents are stopped, so a promotion made later (by a stack started again without ``--gateway``,
+    say) does not wait for a replica that is gone. Best effort: a registry out of reach is left as it is,
+    and those nodes age out after the rollout's node TTL. Returns the node ids removed."""
+    from maas_tasks.registry import Registry
+
+    if not settings.node_id:
+        return []
+    cluster = postgres.local_cluster(settings)
+    if settings.registry_dsn is None and not postgres.read_status(cluster).running:
+        return []
+    removed = []
+    try:
+        with Registry.connect(postgres.registry_dsn(settings), connect_timeout=5) as registry:
+            for node_id in (settings.node_id, replica_settings(settings).node_id):
+                if registry.forget_node(node_id):
+                    removed.append(node_id)
+    except Exception:  # noqa: BLE001 - stopping must not fail on the registry; the nodes age out instead
+        return removed
+    return removed
 
 
 def stack_status(settings: Settings) -> dict[str, dict]:

@@ -19,6 +19,8 @@ forms Airflow would not recognise (the registry DSN with its quoted password), s
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -171,6 +173,41 @@ def task_settings(env: dict[str, str] | None = None) -> Any:
     settings = replace(settings, **MaasStoreHook().settings_overrides(), **MaasRegistryHook().settings_overrides())
     mask_settings_secrets(settings)
     return settings
+
+
+def task_store() -> tuple[Any, Any]:
+    """The settings (:func:`task_settings`) and object store a DAG task works with."""
+    from maas_tasks.storage import open_store
+
+    settings = task_settings()
+    return settings, open_store(settings=settings)
+
+
+def task_registry(settings: Any) -> Any:
+    """A registry connection for a DAG task, to use in a ``with`` block (closed at its end)."""
+    from maas_tasks.postgres import registry_dsn
+    from maas_tasks.registry import Registry
+
+    return Registry.connect(registry_dsn(settings))
+
+
+@contextmanager
+def fail_fast() -> Iterator[None]:
+    """In a DAG task: failures a retry cannot fix fail the task at once, with the stage's message; passing
+    faults (a store, registry or model server out of reach) keep Airflow's retries.
+
+    Permanent are: bad data, parameters or settings (a stage's ValueError, ConnectionSettingsError
+    included), a model that cannot serve (PermanentError), and a version the registry does not have.
+    """
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from maas_tasks.errors import PermanentError
+    from maas_tasks.registry import VersionNotFound
+
+    try:
+        yield
+    except (ValueError, PermanentError, VersionNotFound) as exc:
+        raise AirflowFailException(str(exc)) from exc
 
 
 def mask_settings_secrets(settings: Any) -> None:

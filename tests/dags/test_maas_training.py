@@ -173,27 +173,5 @@ def test_bad_param_values_are_rejected(dag, name, value):
         params.validate()
 
 
-def test_failures_a_retry_cannot_fix_fail_a_task_at_once_and_others_are_retried():
-    import importlib.util
-
-    from airflow.sdk.exceptions import AirflowFailException
-
-    from maas_tasks.promote import PromotionError
-    from serving.rollout import PermanentRolloutError, RolloutError
-
-    spec = importlib.util.spec_from_file_location("maas_training_under_test", DAG_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    for permanent in (ValueError("column 'text' is missing"), PromotionError("v3 is rejected"),
-                      PermanentRolloutError("v4 failed its golden requests")):
-        with pytest.raises(AirflowFailException, match=str(permanent)):
-            with module._fail_fast():
-                raise permanent
-    for passing in (ConnectionError("registry unreachable"), RolloutError("node local did not answer in time")):
-        with pytest.raises(type(passing)):  # a passing fault keeps Airflow's retries
-            with module._fail_fast():
-                raise passing
-
-
 def test_a_stuck_run_times_out(dag):
     assert dag.dagrun_timeout is not None and dag.dagrun_timeout.total_seconds() <= 24 * 3600

@@ -430,6 +430,8 @@ def test_nodes_report_what_they_observed(registry):
     with registry._transaction() as cur:
         cur.execute("UPDATE serving_nodes SET last_seen = now() - interval '1 hour'")
     assert registry.serving_nodes(seen_within=60) == [] and len(registry.serving_nodes()) == 1
+    assert registry.forget_node("n1") is True and registry.serving_nodes() == []
+    assert registry.forget_node("n1") is False
 
 
 def test_pinning_is_recorded(registry):

@@ -15,6 +15,7 @@ from maas_tasks.retrain import (
     look_at_source,
     newest_announcement,
     record_look,
+    scheduled_source,
     snapshot_asset,
 )
 from maas_tasks.sources import IngestError
@@ -175,3 +176,15 @@ def test_a_file_removed_while_the_source_is_looked_at_makes_the_look_wait(store,
     monkeypatch.setattr(retrain, "_local_files", lambda opened: [incoming / "a.csv", incoming / "gone.csv"])
     result = look(store, incoming)
     assert result["ingest"] is False and "gone.csv went away" in result["reason"]
+
+
+def test_a_scheduled_run_trains_on_the_watched_source_once_it_holds_data(tmp_path):
+    watched = tmp_path / "incoming"
+    assert scheduled_source(str(watched), "sample.csv") == "sample.csv"  # not there yet
+    watched.mkdir()
+    assert scheduled_source(str(watched), "sample.csv") == "sample.csv"  # empty
+    (watched / "batch-1.csv").write_text("text,label\ngood film,1\n")
+    assert scheduled_source(str(watched), "sample.csv") == str(watched)
+    (tmp_path / "reviews.xlsx").write_bytes(b"PK")  # there, but no format MaaS reads: an error, not the sample
+    with pytest.raises(IngestError):
+        scheduled_source(str(tmp_path / "reviews.xlsx"), "sample.csv")

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from maas_tasks import stack
+from maas_tasks import postgres, stack
 from maas_tasks.config import ConfigError, load_settings
 from tests.fixtures.postgres import find_free_port
 
@@ -388,3 +388,11 @@ def test_stack_up_with_the_gateway_runs_two_replicas_behind_nginx(tmp_path, monk
         stack.stack_down(settings, echo=lines.append)
     assert not any(component["running"] for component in stack.stack_status(settings).values())
     assert pids and not any(stack.pid_alive(pid) for pid in pids.values())
+    # Stopped on purpose, the nodes leave the registry: a later promotion does not wait for them.
+    cluster = postgres.local_cluster(settings)
+    postgres.start_cluster(cluster)
+    try:
+        with Registry.connect(registry_dsn(settings)) as registry:
+            assert registry.serving_nodes() == []
+    finally:
+        postgres.stop_cluster(cluster)

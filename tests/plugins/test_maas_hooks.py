@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -119,3 +120,21 @@ def test_connection_secrets_are_masked_in_the_task_log(env, monkeypatch, tmp_pat
     assert "connecting with ***" in task_log and "password alone: ***" in task_log
     for secret in (STORE_SECRET, REGISTRY_PASSWORD, "env-secret"):
         assert secret not in task_log and secret not in (tmp_path / "run.log").read_text()
+
+
+def test_failures_a_retry_cannot_fix_fail_a_task_at_once_and_others_are_retried():
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from maas_tasks.promote import PromotionError
+    from maas_tasks.registry import VersionNotFound
+    from serving.rollout import PermanentRolloutError, RolloutError
+
+    for permanent in (ValueError("column 'text' is missing"), PromotionError("v3 is rejected"),
+                      PermanentRolloutError("v4 failed its golden requests"), VersionNotFound("sentiment v9")):
+        with pytest.raises(AirflowFailException, match=re.escape(str(permanent))):
+            with maas_hooks.fail_fast():
+                raise permanent
+    for passing in (ConnectionError("registry unreachable"), RolloutError("node local did not answer in time")):
+        with pytest.raises(type(passing)):  # a passing fault keeps Airflow's retries
+            with maas_hooks.fail_fast():
+                raise passing
