@@ -556,13 +556,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("maas: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - a user sees one paragraph and where the details are
-        print(f"maas: error: {_paragraph(str(exc) or type(exc).__name__, 1000)}", file=sys.stderr)
+        message = describe_lost_database(exc, settings) or str(exc) or type(exc).__name__
+        print(f"maas: error: {_paragraph(message, 1000)}", file=sys.stderr)
         log = _write_traceback(settings)
         if log is not None:
             print(f"maas: the full error is in {log}", file=sys.stderr)
         if os.environ.get("MAAS_TRACEBACK"):
             raise
         return 1
+
+
+# What psycopg2 says when the server is gone or goes away mid-connection.
+_LOST_SERVER_SIGNS = ("connection refused", "could not connect", "server closed the connection",
+                      "terminating connection", "connection to server", "no connection to the server")
+
+
+def describe_lost_database(exc: BaseException, settings: Settings | None) -> str | None:
+    """One paragraph for a command that lost PostgreSQL (stopped, restarted, out of reach), which Airflow and
+    the registry report as a long SQLAlchemy error; None when ``exc`` is something else."""
+    seen = exc
+    while seen is not None:
+        name = type(seen).__name__
+        text = str(seen).splitlines()[0] if str(seen) else ""
+        if name in ("OperationalError", "InterfaceError") and any(s in str(seen).lower() for s in _LOST_SERVER_SIGNS):
+            where = f"127.0.0.1:{settings.pg_port}" if settings is not None and not settings.registry_dsn else "the registry's server"
+            return (
+                f"PostgreSQL ({where}: Airflow's metadata and the model registry) stopped answering: "
+                f"{text.removeprefix('(psycopg2.OperationalError) ')}. If the stack is down, start it with "
+                "`maas stack up` and run the command again: a run it interrupted is marked failed by the next "
+                "`maas run`, and the model servers keep serving what the registry last recorded."
+            )
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _write_traceback(settings: Settings | None) -> Path | None:

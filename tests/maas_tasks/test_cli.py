@@ -144,3 +144,25 @@ def test_stack_commands_address_the_running_stack_and_refuse_an_executor_without
         assert "Unset the variable" in capsys.readouterr().err
     finally:
         stack._stop_process(recorded, stack.SERVER_NAME)
+
+
+def test_a_command_that_loses_postgresql_says_so_in_one_paragraph(monkeypatch, tmp_path, capsys):
+    import psycopg2
+
+    monkeypatch.setenv("MAAS_HOME", str(tmp_path))
+    port = find_free_port()
+    monkeypatch.setenv("MAAS_PG_PORT", str(port))
+    try:
+        psycopg2.connect(host="127.0.0.1", port=port, dbname="maas", connect_timeout=2)
+    except psycopg2.OperationalError as lost:
+        error = lost
+
+    def lose_the_database(args, settings):
+        raise RuntimeError("task instance heartbeat failed") from error  # as Airflow chains it
+
+    monkeypatch.setattr("maas_tasks.cli.cmd_models", lose_the_database)  # the parser takes it when main builds it
+    assert main(["models"]) == 1
+    err = capsys.readouterr().err
+    assert f"PostgreSQL (127.0.0.1:{port}: Airflow's metadata and the model registry) stopped answering" in err
+    assert "Connection refused" in err and "maas stack up" in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.startswith("maas: error:")]) == 1
