@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends, FastAPI, Form, HTTPException, Request
@@ -76,6 +76,19 @@ def require_rollback_access(request: Request, user: UserDep) -> None:
     from airflow.api_fastapi.core_api.security import requires_access_dag
 
     requires_access_dag("POST", DagAccessEntity.RUN, ROLLBACK_DAG_ID)(request, user)
+
+
+def require_same_origin(request: Request) -> None:
+    """403 for a form posted from another origin. Airflow's login cookie is SameSite=Lax, which keeps
+    other sites out but not another port of the same host (a site ignores ports), so a page served
+    elsewhere on 127.0.0.1 could otherwise make a logged-in user's browser trigger a rollback."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return  # not a browser form (an API client with a bearer token), or a browser that sends none
+    # Behind a reverse proxy the Host it forwards may be its own; the host the browser used is then here.
+    host = request.headers.get("x-forwarded-host") or request.headers.get("host")
+    if urlsplit(origin).netloc != host:
+        raise HTTPException(403, f"a rollback may only be asked from the Models page itself, not from {origin}")
 
 
 def may_roll_back(request: Request, user: Any) -> bool:
@@ -346,6 +359,7 @@ def roll_back(
     from maas_tasks.registry import VersionNotFound
 
     require_rollback_access(request, user)
+    require_same_origin(request)
     try:
         plan = resolve_rollback_version(registry, model_name, version)
     except (PromotionError, VersionNotFound) as exc:

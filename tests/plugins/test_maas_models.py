@@ -261,6 +261,16 @@ def test_a_viewer_sees_the_versions_but_may_not_roll_back(client):
     assert refused.status_code == 403 and len(rollback_runs()) == before
 
 
+def test_a_rollback_posted_from_another_origin_is_refused(client):
+    before = len(rollback_runs())
+    admin = client()
+    # Another port of the same host is the same "site" to the browser, so SameSite=Lax sends the cookie.
+    forged = admin.post("/maas-models/rollback", data={"model_name": MODEL, "version": "1"},
+                        headers={"Origin": "http://airflow.test:9999"})
+    assert forged.status_code == 403 and "only be asked from the Models page" in forged.text
+    assert len(rollback_runs()) == before
+
+
 def test_an_unreachable_registry_is_reported_not_a_traceback(client, registry_state, monkeypatch):
     from dataclasses import replace
 
