@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from maas_tasks.stack import write_private
+
 GATEWAY_DIR = Path(__file__).resolve().parent / "gateway"
 TEMPLATE = GATEWAY_DIR / "nginx.conf.template"
 COMPOSE_UPSTREAMS = GATEWAY_DIR / "upstreams.compose.conf"
@@ -252,7 +254,7 @@ def write_config(settings: Any, layout: GatewayLayout, grpc_targets: list[str], 
     for path, text in files.items():
         if path.is_file() and path.read_text(encoding="utf-8") == text:
             continue
-        _write_private(path, text)
+        write_private(path, text)
         changed = True
     return changed
 
@@ -263,15 +265,6 @@ def config_digest(layout: GatewayLayout) -> str:
     for path in (layout.conf_file, layout.upstreams, layout.keys_map):
         digest.update(path.read_bytes() if path.is_file() else b"")
     return digest.hexdigest()
-
-
-def _write_private(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 # --- running nginx --------------------------------------------------------------------------------------

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -42,35 +37,9 @@ def dag():
 
 def test_parsing_imports_nothing_heavy_and_touches_no_database_or_connection(tmp_path):
     # A fresh interpreter with an unreachable metadata DB and every lookup booby-trapped.
-    script = textwrap.dedent(
-        f"""
-        import json, sys
-        import sqlalchemy.engine
-        def forbidden(*a, **k):
-            raise AssertionError("parse-time side effect")
-        sqlalchemy.engine.Engine.connect = forbidden
-        from airflow.sdk import Variable
-        from airflow.sdk.bases.hook import BaseHook
-        from airflow.sdk.definitions.connection import Connection
-        Variable.get = forbidden
-        BaseHook.get_connection = forbidden
-        Connection.get = forbidden
-        from airflow.dag_processing.dagbag import DagBag
-        bag = DagBag(dag_folder={str(DAG_FILE)!r})
-        heavy = sorted(m for m in ("tensorflow", "keras", "great_expectations", "pandas", "pyarrow",
-                                   "minio", "maas_tasks.train", "serving.server") if m in sys.modules)
-        print(json.dumps({{"errors": {{k: str(v) for k, v in bag.import_errors.items()}},
-                          "dags": sorted(bag.dag_ids), "heavy": heavy}}))
-        """
-    )
-    env = {
-        **os.environ,
-        "AIRFLOW_HOME": str(tmp_path),
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql+psycopg2://nobody:none@127.0.0.1:9/none",
-    }
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    from tests.dags.in_process import parse_in_fresh_interpreter
+
+    result = parse_in_fresh_interpreter(DAG_FILE, tmp_path)
     assert result == {"errors": {}, "dags": ["maas_training"], "heavy": []}
 
 
