@@ -23,6 +23,8 @@ DEFAULT_AIRFLOW_PORT = 8080
 DEFAULT_AIRFLOW_WORKER_LOG_PORT = 8793
 DEFAULT_AIRFLOW_TRIGGERER_LOG_PORT = 8794
 DEFAULT_REDIS_PORT = 63790
+# Seconds an S3 request may take to connect and between the bytes of its answer (maas_tasks.storage).
+DEFAULT_S3_TIMEOUT = 60.0
 EXECUTOR_CHOICES = ("local", "celery")
 # The settings `maas stack up` records in MAAS_HOME/run/stack.json (see read_stack_state).
 STACK_STATE_FIELDS = (
@@ -91,6 +93,7 @@ class Settings:
     gateway_max_body: str = DEFAULT_GATEWAY_MAX_BODY
     replica_grpc_port: int = DEFAULT_REPLICA_GRPC_PORT
     replica_rest_port: int = DEFAULT_REPLICA_REST_PORT
+    s3_timeout: float = DEFAULT_S3_TIMEOUT
 
     @property
     def grpc_target(self) -> str:
@@ -314,6 +317,19 @@ def _count_setting(env: dict[str, str], name: str, default: int) -> int:
     return int(raw)
 
 
+def _seconds_setting(env: dict[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise ConfigError(f"{name}={raw!r} is not a positive number of seconds; set it to e.g. {default:g}")
+    return value
+
+
 def _size_setting(env: dict[str, str], name: str, default: str) -> str:
     raw = (env.get(name) or default).strip()
     if not re.fullmatch(r"[1-9][0-9]*[kKmM]?", raw):
@@ -426,4 +442,5 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         gateway_max_body=_size_setting(env, "MAAS_GATEWAY_MAX_BODY", DEFAULT_GATEWAY_MAX_BODY),
         replica_grpc_port=_int_setting(env, "MAAS_REPLICA_GRPC_PORT", DEFAULT_REPLICA_GRPC_PORT),
         replica_rest_port=_int_setting(env, "MAAS_REPLICA_REST_PORT", DEFAULT_REPLICA_REST_PORT),
+        s3_timeout=_seconds_setting(env, "MAAS_S3_TIMEOUT", DEFAULT_S3_TIMEOUT),
     )

@@ -295,6 +295,7 @@ class Registry:
         Raises:
             RegistryUnavailable: the database cannot be reached; says where and how to fix it.
         """
+        self._where = describe_dsn(dsn)
         try:
             self._conn = psycopg2.connect(dsn, connect_timeout=connect_timeout, application_name="maas-registry")
         except psycopg2.Error as exc:
@@ -326,9 +327,26 @@ class Registry:
 
     @contextmanager
     def _transaction(self) -> Iterator[psycopg2.extensions.cursor]:
-        # `with conn` commits on success and rolls back on any exception.
-        with self._conn, self._conn.cursor() as cur:
-            yield cur
+        """A cursor in a transaction, committed at the end of the block and rolled back on any exception.
+
+        Raises:
+            RegistryUnavailable: the server went away (stopped, restarted, out of reach) during the block; the
+                connection is gone, so the caller retries with a new Registry.
+        """
+        try:
+            with self._conn, self._conn.cursor() as cur:
+                yield cur
+        except psycopg2.Error as exc:
+            if not self._conn.closed:
+                raise
+            # The rollback on a lost connection fails too ("connection already closed"), hiding why it was lost.
+            lost = exc.__context__ if isinstance(exc.__context__, psycopg2.OperationalError) else exc
+            detail = str(lost).strip().splitlines()[0] if str(lost).strip() else type(lost).__name__
+            raise RegistryUnavailable(
+                f"lost the connection to the model registry at {self._where}: {detail}. PostgreSQL stopped or "
+                "restarted (or the network dropped) before this call finished: run it again once the server is back "
+                "(a DAG task's retry does, on a new connection)"
+            ) from exc
 
     @staticmethod
     def _insert_event(

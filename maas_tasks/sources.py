@@ -560,6 +560,8 @@ class S3Source:
     def _client(self):
         from minio import Minio
 
+        from maas_tasks.storage import s3_http_client
+
         settings = self.settings or load_settings()
         if not settings.s3_endpoint:
             raise IngestError(
@@ -573,6 +575,7 @@ class S3Source:
         client = Minio(
             parsed.netloc, access_key=settings.s3_access_key, secret_key=settings.s3_secret_key,
             secure=parsed.scheme == "https", region=settings.s3_region,
+            http_client=s3_http_client(settings.s3_timeout),  # bounded, as the store's requests are
         )
         return client, endpoint
 

@@ -6,6 +6,11 @@ the ``minio`` SDK. Keys are ``/``-separated paths relative to the store root. Si
 atomic on both backends (a temporary file renamed into place; an S3 PUT), so a reader never sees a
 half-written object. Multi-file artifacts are published with a manifest written last
 (:func:`upload_tree`), which readers check before trusting the files (:func:`download_tree`).
+
+Every S3 request is bounded: ``MAAS_S3_TIMEOUT`` seconds to connect and for each read, and a failed
+request (refused, reset, a 5xx answer, a timeout) is sent again at most :data:`S3_RETRIES` times, so a
+slow or dead store fails the task within a known time with a message naming the object, and Airflow's
+retries take over.
 """
 
 from __future__ import annotations
@@ -15,16 +20,24 @@ import io
 import json
 import os
 import shutil
+import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlparse
 
-from maas_tasks.config import Settings, load_settings
+from maas_tasks.config import DEFAULT_S3_TIMEOUT, Settings, load_settings
+
+if TYPE_CHECKING:
+    import urllib3
 
 MANIFEST_NAME = "MANIFEST.json"
 _CHUNK = 1 << 20
+# How many times a failed S3 request is sent again: a brief outage passes unnoticed, a dead or hung server
+# fails the operation within about (1 + S3_RETRIES) x MAAS_S3_TIMEOUT (minio's own default: 5 retries of
+# 5-minute timeouts, half an hour for one hung request).
+S3_RETRIES = 2
 
 
 class StoreError(RuntimeError):
@@ -73,6 +86,50 @@ def check_key(key: str) -> str:
 
 def _check_prefix(prefix: str) -> str:
     return check_key(prefix) + "/" if prefix.strip("/") else ""
+
+
+def s3_http_client(timeout: float) -> urllib3.PoolManager:
+    """The HTTP client of an S3 store: ``timeout`` seconds to connect and for each read or write on the
+    socket, :data:`S3_RETRIES` retries with a short backoff, certificates checked as minio checks them."""
+    import certifi
+    import urllib3
+
+    return urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=timeout, read=timeout),
+        maxsize=10,
+        cert_reqs="CERT_REQUIRED",
+        ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+        retries=urllib3.Retry(total=S3_RETRIES, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+    )
+
+
+def _timed_out(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (as urllib3 wraps it: MaxRetryError(reason), ProtocolError(message, cause)) is a timeout."""
+    from urllib3.exceptions import MaxRetryError, NewConnectionError, ProtocolError
+    from urllib3.exceptions import TimeoutError as Urllib3Timeout
+
+    while exc is not None:
+        if isinstance(exc, NewConnectionError):  # a refused connection (urllib3 files it under timeouts)
+            return False
+        if isinstance(exc, (Urllib3Timeout, TimeoutError)):
+            return True
+        if isinstance(exc, MaxRetryError):
+            exc = exc.reason
+        elif isinstance(exc, ProtocolError) and len(exc.args) > 1 and isinstance(exc.args[1], BaseException):
+            exc = exc.args[1]
+        else:
+            exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _reason(exc: BaseException) -> str:
+    """What went wrong, without urllib3's wrapping (``Max retries exceeded with url ... (Caused by ...)``)."""
+    from urllib3.exceptions import MaxRetryError
+
+    if isinstance(exc, MaxRetryError) and exc.reason is not None:
+        # "HTTPConnection(host='h', port=p): Failed to establish a new connection: ..." -> the part after "): "
+        return f"{str(exc.reason).rsplit('): ', 1)[-1]}, after {S3_RETRIES} retries"
+    return str(exc)
 
 
 class FileStore:
@@ -176,6 +233,7 @@ class S3Store:
         access_key: str | None,
         secret_key: str | None,
         region: str = "us-east-1",
+        timeout: float = DEFAULT_S3_TIMEOUT,
     ) -> None:
         from minio import Minio
 
@@ -186,12 +244,14 @@ class S3Store:
         self.prefix = _check_prefix(prefix)
         self.endpoint = endpoint
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self.timeout = timeout
         self._client = Minio(
             parsed.netloc,
             access_key=access_key,
             secret_key=secret_key,
             secure=parsed.scheme == "https",
             region=region,
+            http_client=s3_http_client(timeout),
         )
 
     def _name(self, key: str) -> str:
@@ -201,11 +261,11 @@ class S3Store:
         return f"s3://{self.bucket}/{self._name(key)}"
 
     def _call(self, what: str, key: str, fn, *args, **kwargs):
-        from minio.error import S3Error
+        from minio.error import MinioException, S3Error
         from urllib3.exceptions import HTTPError
 
         where = self.uri(key) if key.strip("/") else self.url
-
+        started = time.monotonic()
         try:
             return fn(*args, **kwargs)
         except S3Error as exc:
@@ -221,9 +281,15 @@ class S3Store:
             raise StoreError(
                 f"{what} {where}: {exc}; S3 bucket names are 3-63 lowercase letters, digits, '-' or '.'"
             ) from None
-        except (HTTPError, OSError) as exc:
+        except (HTTPError, OSError, MinioException) as exc:
+            if _timed_out(exc):
+                raise StoreError(
+                    f"{what} {where} timed out after {self.timeout:g} s at {self.endpoint} (gave up after "
+                    f"{time.monotonic() - started:.1f} s, retries included); the store is slow or unreachable: "
+                    "raise MAAS_S3_TIMEOUT or check the server"
+                ) from None
             raise StoreError(
-                f"{what} {where} failed: cannot reach {self.endpoint} ({exc}); "
+                f"{what} {where} failed: cannot reach {self.endpoint} ({_reason(exc)}); "
                 "check MAAS_S3_ENDPOINT and that the server is up"
             ) from None
 
@@ -239,12 +305,15 @@ class S3Store:
         self._call("uploading", key, self._client.fput_object, self.bucket, self._name(key), str(path))
 
     def get_bytes(self, key: str) -> bytes:
-        response = self._call("reading", key, self._client.get_object, self.bucket, self._name(key))
-        try:
-            return response.read()
-        finally:
-            response.close()
-            response.release_conn()
+        def read() -> bytes:
+            response = self._client.get_object(self.bucket, self._name(key))
+            try:  # the body streams after the headers: a server dying or stalling now fails here
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+
+        return self._call("reading", key, read)
 
     def get_file(self, key: str, path: Path) -> None:
         # fget_object downloads to a temporary file and renames it, so `path` is never half-written.
@@ -304,6 +373,7 @@ def open_store(url: str | None = None, settings: Settings | None = None) -> File
             settings.s3_access_key,
             settings.s3_secret_key,
             settings.s3_region,
+            settings.s3_timeout,
         )
     raise StoreError(f"store URL {url!r} is not supported; use file:///dir or s3://bucket[/prefix]")
 

@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-pytest_plugins = ["tests.fixtures.postgres", "tests.fixtures.s3", "tests.fixtures.browser"]
+pytest_plugins = ["tests.fixtures.postgres", "tests.fixtures.s3", "tests.fixtures.browser", "tests.fixtures.tcp_proxy"]
 
 _SESSION_HOME = tempfile.mkdtemp(prefix="maas-tests-")
 os.environ["MAAS_HOME"] = os.path.join(_SESSION_HOME, "maas")

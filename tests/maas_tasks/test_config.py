@@ -15,6 +15,7 @@ def test_defaults(tmp_path):
     assert s.serving_dir == tmp_path / "serving" / "models"
     assert s.serving_config == s.serving_dir / "models.config"
     assert s.device == "auto" and s.registry_dsn is None
+    assert s.s3_timeout == 60.0 and load_settings({"MAAS_HOME": str(tmp_path), "MAAS_S3_TIMEOUT": "2.5"}).s3_timeout == 2.5
 
 
 def test_overrides(tmp_path):
@@ -42,6 +43,10 @@ def test_settings_are_read_at_call_time(monkeypatch, tmp_path):
         ({"MAAS_REST_PORT": "70000"}, "outside 1-65535"),
         ({"MAAS_STORE_URL": "gs://x"}, "use file:///absolute/dir or s3://bucket"),
         ({"MAAS_DEVICE": "tpu"}, "MAAS_DEVICE='tpu' is not one of auto, cpu, gpu"),
+        ({"MAAS_S3_TIMEOUT": "0"}, "MAAS_S3_TIMEOUT='0' is not a positive number of seconds"),
+        ({"MAAS_S3_TIMEOUT": "-1"}, "MAAS_S3_TIMEOUT='-1' is not a positive number of seconds"),
+        ({"MAAS_S3_TIMEOUT": "soon"}, "MAAS_S3_TIMEOUT='soon' is not a positive number of seconds"),
+        ({"MAAS_S3_TIMEOUT": "inf"}, "MAAS_S3_TIMEOUT='inf' is not a positive number of seconds"),
     ],
 )
 def test_malformed_values_name_the_variable(env, message, tmp_path):
