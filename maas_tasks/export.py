@@ -16,6 +16,7 @@ The version's files go to ``models/<name>/<version>/`` (manifest last) and its m
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import subprocess
@@ -28,7 +29,7 @@ from typing import Any
 from maas_tasks.config import check_model_name
 from maas_tasks.errors import PermanentError
 from maas_tasks.model import build_classifier, load_artifact
-from maas_tasks.storage import Store, delete_prefix, upload_tree
+from maas_tasks.storage import ObjectNotFound, Store, delete_prefix, read_manifest, upload_tree
 from maas_tasks.tf_runtime import import_tensorflow
 from maas_tasks.train import HISTORY_FILE
 
@@ -231,8 +232,10 @@ def export_model(
 ) -> dict[str, Any]:
     """Export the trained model at ``model_key`` as version ``version`` of ``model_name``.
 
-    Re-exporting a version replaces it: the old metadata and files are removed first, then the new
-    files are uploaded (manifest last) and the metadata JSON is written last of all.
+    Re-exporting a version with other inputs replaces it: the old metadata and files are removed first,
+    then the new files are uploaded (manifest last) and the metadata JSON is written last of all. A rerun
+    with the same model, metadata, model card and report after a complete export changes nothing and
+    returns the same result (a retried task must not rewrite a version that may be serving).
 
     Args:
         model_key: the trained model's ``trained/<hash>`` prefix.
@@ -249,10 +252,15 @@ def export_model(
     check_model_name(model_name)
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ValueError(f"version {version!r} must be a positive integer (TF Serving version directories are numbers)")
-    artifact = load_artifact(store, model_key)
-    model, classes = build_classifier(artifact), artifact.classes
     prefix = version_prefix(model_name, version)
     metadata_key = f"{prefix}.json"
+    request_sha256 = _export_request_digest(model_key, metadata, model_card, report)
+    published = _published_export(store, prefix, metadata_key, request_sha256)
+    if published is not None:
+        log.info("%s v%d is already exported from %s with the same facts: nothing to do", model_name, version, model_key)
+        return published
+    artifact = load_artifact(store, model_key)
+    model, classes = build_classifier(artifact), artifact.classes
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / str(version)
         held_out = _held_out_texts(store, model_key)
@@ -278,6 +286,7 @@ def export_model(
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "files": sorted(files),
         "uri": store.uri(prefix),
+        "request_sha256": request_sha256,
         **exported,
     }
     store.put_bytes(metadata_key, json.dumps(record, indent=2, sort_keys=True, default=str).encode())
@@ -286,6 +295,42 @@ def export_model(
         exported["load_seconds"],
     )
     return {"prefix": prefix, "uri": store.uri(prefix), "files": files, "metadata_key": metadata_key, **exported}
+
+
+def _export_request_digest(
+    model_key: str, metadata: dict[str, Any], model_card: dict[str, Any] | None, report: bytes | None
+) -> str:
+    """What an export was asked to write, as one digest: a rerun asking for the same is a no-op."""
+    asked = {
+        "model_key": model_key.rstrip("/"),
+        "metadata": metadata,
+        "model_card": model_card,
+        "report_sha256": hashlib.sha256(report).hexdigest() if report is not None else None,
+    }
+    return hashlib.sha256(json.dumps(asked, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _published_export(store: Store, prefix: str, metadata_key: str, request_sha256: str) -> dict[str, Any] | None:
+    """The result of an earlier, complete export of the same request to ``prefix``, or None.
+
+    Complete means its record (written last) names the same request and every file its manifest lists is
+    there; re-exporting would write a SavedModel with other bytes (TensorFlow numbers the functions it
+    traces per process), so a retried task would change a version that may already be serving.
+    """
+    try:
+        record = json.loads(store.get_bytes(metadata_key))
+        files = read_manifest(store, prefix)
+    except (ObjectNotFound, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("request_sha256") != request_sha256:
+        return None
+    present = set(store.list_keys(prefix))
+    if sorted(files) != record.get("files") or not {f"{prefix}/{rel}" for rel in files} <= present:
+        return None
+    return {
+        "prefix": prefix, "uri": store.uri(prefix), "files": files, "metadata_key": metadata_key,
+        "size_bytes": record["size_bytes"], "load_seconds": record["load_seconds"],
+    }
 
 
 def export_registered_version(
@@ -311,7 +356,8 @@ def export_registered_version(
         model_card=model_card(store, model_key, record, snapshot_facts),
         report=_report_page(store, model_name, version) if record.report_uri else None,
     )
-    registry.set_artifact(model_name, version, exported["uri"])
+    if record.artifact_uri != exported["uri"]:
+        registry.set_artifact(model_name, version, exported["uri"])
     return {"model_name": model_name, "version": version, "prefix": exported["prefix"], "uri": exported["uri"]}
 
 

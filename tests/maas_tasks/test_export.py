@@ -94,6 +94,21 @@ def test_metadata_and_manifest_are_written_last(exported, trained_run):
     assert record["created_at"].endswith("+00:00")
 
 
+def test_an_export_rerun_with_the_same_inputs_writes_nothing_and_answers_the_same(trained_run):
+    store, key = trained_run["store"], trained_run["trained"]["key"]
+    first = export_model(store, key, model_name="sentiment", version=5, metadata={"n": 1}, report=b"<html>r</html>")
+    written = {k: store.modified_at(k) for k in store.list_keys("models/sentiment/5")}
+    written["models/sentiment/5.json"] = store.modified_at("models/sentiment/5.json")
+    again = export_model(store, key, model_name="sentiment", version=5, metadata={"n": 1}, report=b"<html>r</html>")
+    assert again == first
+    assert {k: store.modified_at(k) for k in written} == written
+    # A file of the published version gone: the rerun exports it again instead of answering from the record.
+    store.delete(f"models/sentiment/5/{next(iter(first['files']))}")
+    repaired = export_model(store, key, model_name="sentiment", version=5, metadata={"n": 1}, report=b"<html>r</html>")
+    assert set(repaired["files"]) == set(first["files"])
+    assert all(store.exists(f"models/sentiment/5/{rel}") for rel in repaired["files"])
+
+
 def test_reexport_replaces_the_version(trained_run):
     store = trained_run["store"]
     stale = "models/sentiment/4/stale.txt"
