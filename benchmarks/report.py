@@ -1,10 +1,12 @@
-"""The benchmark result as a readable plain-text report."""
+"""The benchmark result as a readable plain-text report: one section per comparison, tables of aligned
+columns, every ratio beside the absolute figures it comes from."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from benchmarks.pipeline import DATA_STAGES, DATA_STAGES_TARGET_SECONDS
+from benchmarks.scaling import NEAR_LINEAR_FACTOR, size_label
 from benchmarks.serving import IN_PROCESS_ROWS, ROW_LABELS, best_in_process
 
 # The stages from a raw file to a trained model (the issue's "raw file → trained model" figure).
@@ -83,11 +85,117 @@ def _load_heading(load: dict[str, Any]) -> str:
     )
 
 
+def _flag_mark(flag: str | None) -> str:
+    return {"superlinear": " ^", "sublinear": " v"}.get(flag or "", "")
+
+
+def _size_headers(runs: list[dict[str, Any]]) -> list[str]:
+    return [size_label(r["rows"]) + (" synthetic" if r["synthetic"] else "") for r in runs]
+
+
+def format_scaling(scaling: dict[str, Any]) -> str:
+    """Stages x sizes: seconds, seconds per 1k reviews and, from the second size on, the growth of the time
+    against the size before (``^`` superlinear, ``v`` sublinear: the time per review changed by more than
+    :data:`NEAR_LINEAR_FACTOR`); then the flags in words."""
+    runs, summary = scaling["runs"], scaling["summary"]
+    rows = []
+    for stage, cells in summary["stages"].items():
+        row = [stage]
+        for cell in cells:
+            if cell["seconds"] is None:
+                row.append("n/a")
+                continue
+            growth = f"  x{cell['growth']:.2f}{_flag_mark(cell['flag'])}" if cell["growth"] is not None else ""
+            row.append(f"{cell['seconds']:.2f} s  {cell['seconds_per_1k']:.3f}/1k{growth}")
+        rows.append(row)
+    growth = ", ".join(
+        f"{size_label(a['rows'])} to {size_label(b['rows'])} x{b['rows'] / a['rows']:g}" for a, b in zip(runs, runs[1:])
+    )
+    lines = [
+        f"scaling, raw file to served version (seconds, seconds per 1k reviews, time growth vs the previous size; "
+        f"rows grew {growth or 'n/a'}; ^/v: time per review up/down more than {NEAR_LINEAR_FACTOR:g}x):",
+        _table(["stage", *_size_headers(runs)], rows),
+    ]
+    flags = summary["flags"]
+    lines.append(
+        "not near-linear: " + "; ".join(
+            f"{stage} {size_label(a)} to {size_label(b)} {flag} (time per review x{change:.2f})" for stage, a, b, flag, change in flags
+        ) if flags else "every stage near-linear between the sizes measured"
+    )
+    lines.append(f"not in the stages: importing TensorFlow, Keras and Great Expectations, {scaling['import_seconds']:.1f} s "
+                 "once per process (an Airflow task pays it once per task)")
+    lines += [f"note: {note}" for note in scaling.get("notes") or []]
+    return "\n".join(lines)
+
+
+def format_memory(scaling: dict[str, Any]) -> str:
+    """Stages x sizes: each stage's own peak RSS (this process and its children) and its rise over the
+    stage's start, in MiB."""
+    runs = scaling["runs"]
+    names = list(dict.fromkeys(s["stage"] for r in runs for s in r["stages"]))
+    rows = []
+    for name in names:
+        row = [name]
+        for run in runs:
+            stage = next((s for s in run["stages"] if s["stage"] == name), None)
+            row.append("n/a" if stage is None else f"{stage['peak_mb']:,.0f} (+{stage['delta_mb']:,.0f})")
+        rows.append(row)
+    return ("peak memory per stage, MiB (RSS of the process and its children sampled every 20 ms during the stage; "
+            "in brackets: the rise over the stage's start):\n" + _table(["stage", *_size_headers(runs)], rows))
+
+
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.0f}"
+
+
+def format_featurisation(featurisation: dict[str, Any]) -> str:
+    """Project vs scikit-learn: fit, transform and both, seconds and documents per second, the ratio
+    (project docs/s over scikit-learn's) and the goal's verdict."""
+    project, sklearn, ratios = featurisation["project"], featurisation["sklearn"], featurisation["ratios"]
+    rows = []
+    for part in ("fit", "transform"):
+        p, k = project[part], sklearn[part]
+        rows.append([part, f"{p['seconds']:.2f}", _rate(p["docs_per_s"]), f"{p['peak_mb']:,.0f} (+{p['delta_mb']:,.0f})",
+                     f"{k['seconds']:.2f}", _rate(k["docs_per_s"]), f"{k['peak_mb']:,.0f} (+{k['delta_mb']:,.0f})",
+                     _number(ratios[part], 2)])
+    both = [project["fit"]["seconds"] + project["transform"]["seconds"], sklearn["fit"]["seconds"] + sklearn["transform"]["seconds"]]
+    n = featurisation["texts"]
+    rows.append(["fit + transform", f"{both[0]:.2f}", _rate(n / both[0]), "", f"{both[1]:.2f}", _rate(n / both[1]), "",
+                 _number(ratios["fit_transform"], 2)])
+    settings = featurisation["settings"]
+    verdict = {True: "PASS", False: "FAIL", None: "n/a"}[featurisation["no_slower"]]
+    return "\n".join([
+        f"featurisation on {n:,} train texts: the project's (fit_vectorizer + lookup table, then the model's "
+        f"features) vs scikit-learn TfidfVectorizer(ngram_range=({settings['ngram_range'][0]}, "
+        f"{settings['ngram_range'][1]}), min_df={settings['min_df']}, max_features={settings['max_features']:,}):",
+        _table(["", "project s", "docs/s", "peak MiB", "sklearn s", "docs/s", "peak MiB", "ratio"], rows),
+        f"vocabulary {project['vocab_size']:,} vs {sklearn['vocab_size']:,}; non-zeros {project['nonzeros']:,} vs "
+        f"{sklearn['nonzeros']:,}; project lookup-table build {project['fit']['lookup_seconds']:.2f} s of its fit",
+        f"goal: no slower than scikit-learn (ratio >= 1 for fit and for transform): {verdict}",
+    ])
+
+
+def format_quality(quality: dict[str, Any]) -> str:
+    """Project vs scikit-learn on the same held-out rows: accuracy, F1, ROC AUC, log loss, the difference."""
+    project, sklearn = quality["project"], quality["sklearn"]
+    rows = []
+    for key, name in (("accuracy", "accuracy"), ("f1", "f1"), ("roc_auc", "roc_auc"), ("log_loss", "log_loss")):
+        a, b = project.get(key), sklearn.get(key)
+        rows.append([name, _number(a), _number(b), "n/a" if a is None or b is None else f"{a - b:+.4f}"])
+    split = quality["rows"]
+    chosen = (f"C={sklearn['c']:g} chosen on the {split['validation']:,} validation rows" if sklearn["c_selection"]
+              else f"C={sklearn['c']:g}, training's default: too few validation rows to choose")
+    return (
+        f"model quality on the same split (both fit on the {split['train']:,} train-side rows, scored on the "
+        f"{split['eval']:,} test rows): project vs scikit-learn TF-IDF + LogisticRegression ({chosen}):\n"
+        + _table(["metric", "project", "sklearn", "difference"], rows)
+    )
+
+
 def format_report(result: dict[str, Any]) -> str:
-    """Render :func:`benchmarks.__main__.run_benchmark`'s result: stages, model quality, serving."""
+    """Render :func:`benchmarks.__main__.run_benchmark`'s result (with its run context): scaling, memory,
+    featurisation, quality, the main run's model and data figures, serving."""
     pipeline = result["pipeline"]
-    stage_rows = [[s["stage"], f"{s['seconds']:.2f}", f"{s['peak_rss_mb']:.0f}"] for s in pipeline["stages"]]
-    stage_rows.append(["total", f"{sum(s['seconds'] for s in pipeline['stages']):.2f}", ""])
     m = pipeline["metrics"]
     quality_rows = [
         ["accuracy", _number(m["accuracy"])],
@@ -134,14 +242,21 @@ def format_report(result: dict[str, Any]) -> str:
             f"{memory['batch_seconds'] * 1000:.0f} ms per batch"
             + (f"; a dense [batch, vocabulary] float32 tensor alone would be {dense_mb:,.0f} MiB" if dense_mb else "")
         )
+    machine, code = result.get("machine") or {}, result.get("code") or {}
+    main_label = size_label(result["scaling"]["main_size"])
     return "\n\n".join(
         [
-            f"MaaS benchmark: {result['data']} ({rows['train']} train / {rows['eval']} eval rows, "
-            f"device {pipeline['train']['device']}, {result['seconds']:.0f} s in all)",
-            _table(["stage", "seconds", "peak RSS MiB"], stage_rows),
-            _table(["eval metric", "value"], quality_rows),
+            f"MaaS benchmark{' (quick)' if result.get('quick') else ''}: {result['data']} ({result['data_rows']:,} rows), "
+            f"{result['seconds']:.0f} s in all; {machine.get('cpus')} cores, {machine.get('memory_gib')} GiB, Python "
+            f"{machine.get('python')}; commit {str(code.get('commit'))[:12]}{' (dirty)' if code.get('dirty') else ''}",
+            format_scaling(result["scaling"]),
+            format_memory(result["scaling"]),
+            format_featurisation(result["featurisation"]),
+            format_quality(result["quality"]),
+            f"the {main_label} run's model ({rows['train']} train / {rows['eval']} eval rows, device "
+            f"{pipeline['train']['device']}):\n" + _table(["eval metric", "value"], quality_rows),
+            *sections,
             _load_heading(serving["load"]) + ":\n" + format_load_table(serving["load"]),
             "serving targets (2-core machine):\n" + format_targets(serving["load"]["targets"]),
-            *sections,
         ]
     )
