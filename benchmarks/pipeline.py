@@ -134,7 +134,7 @@ def start_served_version(
     Raises:
         RuntimeError: the server exited, or did not answer within ``timeout`` seconds (with its log's tail).
     """
-    from benchmarks.serving import BATCHING_PARAMETERS_FILE, SERVER_MODULE, model_server_flags
+    from benchmarks.serving import BATCHING_PARAMETERS_FILE, SERVER_MODULE, model_server_flags, stop_process
     from maas_tasks.storage import download_tree
 
     base = workdir / model_name
@@ -160,16 +160,6 @@ def start_served_version(
             tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
             raise RuntimeError(f"the model server did not answer within {timeout:.0f} s:\n{tail}")
         time.sleep(0.1)
-
-
-def stop_process(process: subprocess.Popen) -> None:
-    """Terminate ``process`` and wait for it (kill it after 30 s)."""
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def run_pipeline(
@@ -243,6 +233,8 @@ def run_pipeline(
         server = _timed(
             stages, "serve", lambda: start_served_version(store, exported["prefix"], Path(tmp), texts[:1]), on_stage
         )
+        from benchmarks.serving import stop_process
+
         stop_process(server)
 
     headline = {k: metrics[k] for k in ("accuracy", "precision", "recall", "f1", "roc_auc", "n_eval")}

@@ -131,7 +131,8 @@ def _wait_ready(process: subprocess.Popen, ready: Callable[[], bool], *, what: s
         time.sleep(0.25)
 
 
-def _stop_process(process: subprocess.Popen) -> None:
+def stop_process(process: subprocess.Popen) -> None:
+    """Terminate ``process`` and wait for it (kill it after 30 s)."""
     process.terminate()
     try:
         process.wait(timeout=30)
@@ -255,7 +256,7 @@ def _load_flask(spec: dict[str, Any], version_dir: Path, workdir: Path) -> tuple
         run = {"name": "flask", "kind": "http", "host": HOST, "port": port, "path": "/predict"}
         return _run_loadgen({**spec, "runs": [run]}, workdir, "flask")["rows"], ready
     finally:
-        _stop_process(process)
+        stop_process(process)
 
 
 def _load_model_server(
@@ -271,7 +272,7 @@ def _load_model_server(
         ]
         return _run_loadgen({**spec, "runs": runs}, workdir, "model-server")["rows"], ready, flags
     finally:
-        _stop_process(process)
+        stop_process(process)
 
 
 def _start_model_server(
@@ -284,7 +285,7 @@ def _start_model_server(
     try:
         ready = _wait_ready(process, lambda: _model_available(rest_port, model_name), what="the model server", log_path=log)
     except BaseException:
-        _stop_process(process)
+        stop_process(process)
         raise
     return process, flags, ready
 
@@ -440,7 +441,7 @@ def measure_serving_memory(
                     raise BenchmarkError(f"REST predict at {HOST}:{rest_port}{path} answered {status}: {payload[:300]!r}")
             after = _memory_mb(process.pid)
         finally:
-            _stop_process(process)
+            stop_process(process)
     return {
         "batch_size": batch_size,
         "words_per_text": sum(len(t.split()) for t in batch) / len(batch),
