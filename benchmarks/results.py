@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -73,26 +72,15 @@ def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]
     return versions
 
 
-def _git(root: Path, *args: str) -> str | None:
-    try:
-        completed = subprocess.run(
-            # --no-optional-locks: reading the state must never write the index (another git may be busy).
-            ["git", "--no-optional-locks", "-C", str(root), *args],
-            capture_output=True, text=True, timeout=30, check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return completed.stdout.strip() if completed.returncode == 0 else None
-
-
 def code_commit(root: Path) -> dict[str, Any]:
-    """``commit`` (``git rev-parse HEAD``, or ``unknown`` without git or a repository) and ``dirty``
-    (uncommitted or untracked changes; None when unknown)."""
-    commit = _git(root, "rev-parse", "HEAD")
-    if not commit:
+    """``commit`` (as the model card records it, :func:`maas_tasks.export.code_version`; ``unknown`` without git
+    or a repository) and ``dirty`` (uncommitted changes; None when unknown)."""
+    from maas_tasks.export import code_version
+
+    found = code_version(root)
+    if not found["commit"]:
         return {"commit": UNKNOWN, "dirty": None}
-    status = _git(root, "status", "--porcelain")
-    return {"commit": commit, "dirty": None if status is None else bool(status)}
+    return {"commit": found["commit"], "dirty": found["dirty"]}
 
 
 def run_context(root: Path) -> dict[str, Any]:

@@ -166,8 +166,9 @@ def write_warmup_requests(path: Path, texts: list[str]) -> int:
     return written
 
 
-def code_version() -> dict[str, Any]:
-    """The MaaS package version and, in a git checkout, the commit (and whether the tree had changes)."""
+def code_version(root: Path | None = None) -> dict[str, Any]:
+    """The MaaS package version and, in a git checkout (``root``, default the project's), the commit (and
+    whether the tree had changes)."""
     from importlib import metadata
 
     from maas_tasks.config import project_root
@@ -178,7 +179,7 @@ def code_version() -> dict[str, Any]:
         package = None
     commit = dirty = None
     try:
-        root = project_root()
+        root = root or project_root()
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True
         ).stdout.strip() or None
