@@ -185,6 +185,7 @@ def run_benchmark(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
         "scaling": {
             "main_size": main_n,
             "import_seconds": import_seconds,
+            "max_tokens": args.max_tokens,
             "served": "serve = download the exported version from the store into a fresh serving directory, "
                       "start the model server on it (python -m serving.server, the stack's batching) and wait "
                       "for its first REST predict answer",

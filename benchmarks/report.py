@@ -8,6 +8,7 @@ from typing import Any
 from benchmarks.pipeline import DATA_STAGES, DATA_STAGES_TARGET_SECONDS
 from benchmarks.scaling import NEAR_LINEAR_FACTOR, size_label
 from benchmarks.serving import IN_PROCESS_ROWS, ROW_LABELS, best_in_process
+from maas_tasks.train import ITERATIONS_PER_EPOCH
 
 # The stages from a raw file to a trained model (the issue's "raw file → trained model" figure).
 TO_TRAINED_STAGES = ("ingest", "validate", "clean", "features", "train")
@@ -93,6 +94,10 @@ def _size_headers(runs: list[dict[str, Any]]) -> list[str]:
     return [size_label(r["rows"]) + (" synthetic" if r["synthetic"] else "") for r in runs]
 
 
+def _line_through(fixed: float | None = None, per_1k: float | None = None) -> str:
+    return "" if fixed is None or per_1k is None else f"; {fixed:.1f} s + {per_1k:.3f} s per 1k"
+
+
 def format_scaling(scaling: dict[str, Any]) -> str:
     """Stages x sizes: seconds, seconds per 1k reviews and, from the second size on, the growth of the time
     against the size before (``^`` superlinear, ``v`` sublinear: the time per review changed by more than
@@ -119,9 +124,25 @@ def format_scaling(scaling: dict[str, Any]) -> str:
     flags = summary["flags"]
     lines.append(
         "not near-linear: " + "; ".join(
-            f"{stage} {size_label(a)} to {size_label(b)} {flag} (time per review x{change:.2f})" for stage, a, b, flag, change in flags
+            f"{stage} {size_label(a)} to {size_label(b)} {flag} (time per review x{change:.2f}{_line_through(*line)})"
+            for stage, a, b, flag, change, *line in flags
         ) if flags else "every stage near-linear between the sizes measured"
     )
+    if flags:
+        lines.append(
+            "  (s + s per 1k: the line through both sizes; a sublinear stage has a fixed part that weighs less as "
+            "the data grow, a superlinear one a negative part: each review costs more at the larger size)"
+        )
+    if any(run.get("vocab_size") for run in runs):
+        cap = scaling.get("max_tokens")
+        lines.append(
+            "what train, export and serve carry grows with the vocabulary, not the rows: " + ", ".join(
+                f"{size_label(run['rows'])} {run['vocab_size']:,} n-grams" + (" (the cap)" if run["vocab_size"] == cap else "")
+                for run in runs if run.get("vocab_size")
+            ) + (f" (max_tokens {cap:,})" if cap else "") + "; train's L-BFGS epochs kept: " + ", ".join(
+                f"{size_label(run['rows'])} {run['train']['best_epoch']}" for run in runs if (run.get("train") or {}).get("best_epoch")
+            ) + f" (each epoch is up to {ITERATIONS_PER_EPOCH} passes over the rows; a fit that converges sooner costs fewer)"
+        )
     lines.append(f"not in the stages: importing TensorFlow, Keras and Great Expectations, {scaling['import_seconds']:.1f} s "
                  "once per process (an Airflow task pays it once per task)")
     lines += [f"note: {note}" for note in scaling.get("notes") or []]

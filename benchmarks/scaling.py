@@ -6,6 +6,8 @@ flagged when its time per review changes by more than :data:`NEAR_LINEAR_FACTOR`
 ``superlinear`` when each review costs more at the larger size, ``sublinear`` when it costs less (a fixed
 cost, such as starting a process or importing a library, dominates the smaller size). Stages shorter than
 :data:`MIN_FLAGGED_SECONDS` at both sizes are not flagged: on a shared machine their ratio is timer noise.
+Each flag comes with the line through its two sizes (:func:`split_cost`): a large fixed part says a
+sublinear stage is dominated by a start-up cost; a superlinear one has work per review that grows itself.
 """
 
 from __future__ import annotations
@@ -40,6 +42,14 @@ def growth_flag(previous: tuple[int, float], current: tuple[int, float]) -> str 
     return None
 
 
+def split_cost(previous: tuple[int, float], current: tuple[int, float]) -> tuple[float, float]:
+    """The line ``seconds = fixed + per_1k * rows / 1000`` through both (rows, seconds) points:
+    ``(fixed, per_1k)``. A negative ``fixed`` means the time per review itself grows with the rows."""
+    (rows_a, seconds_a), (rows_b, seconds_b) = previous, current
+    per_1k = (seconds_b - seconds_a) / (rows_b - rows_a) * 1000
+    return seconds_a - per_1k * rows_a / 1000, per_1k
+
+
 def scaling_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Per stage (and end to end), per size: seconds, seconds per 1k rows, and against the previous size
     the growth of the time, of the rows, the change of the time per row and its flag.
@@ -51,8 +61,8 @@ def scaling_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     Returns:
         ``sizes`` (the rows) and ``stages``: {stage: [one dict per size: ``rows``, ``seconds``,
         ``seconds_per_1k``, ``growth`` (time over the previous size's; None for the first), ``rows_growth``,
-        ``per_row_change`` and ``flag``]}, and ``flags``: ``[stage, from rows, to rows, flag, per_row_change]``
-        for every flagged step.
+        ``per_row_change`` and ``flag``]}, and ``flags``: ``[stage, from rows, to rows, flag, per_row_change,
+        fixed seconds, seconds per 1k]`` for every flagged step (the last two from :func:`split_cost`).
     """
     names: list[str] = []
     for run in runs:
@@ -77,7 +87,8 @@ def scaling_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 cell["per_row_change"] = cell["growth"] / cell["rows_growth"]
                 cell["flag"] = growth_flag((previous_rows, before), (rows, value))
                 if cell["flag"]:
-                    flags.append([name, previous_rows, rows, cell["flag"], cell["per_row_change"]])
+                    fixed, per_1k = split_cost((previous_rows, before), (rows, value))
+                    flags.append([name, previous_rows, rows, cell["flag"], cell["per_row_change"], fixed, per_1k])
             cells.append(cell)
         stages[name] = cells
     return {"sizes": [run["rows"] for run in runs], "stages": stages, "flags": flags}

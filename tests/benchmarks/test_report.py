@@ -49,8 +49,10 @@ def make_result() -> dict:
     from benchmarks.scaling import scaling_summary
 
     runs = [
-        {"rows": 2000, "synthetic": False, "stages": _stages({"ingest": 1.0, "train": 10.0, "serve": 12.0})},
-        {"rows": 8000, "synthetic": True, "stages": _stages({"ingest": 4.0, "train": 80.0, "serve": 12.0})},
+        {"rows": 2000, "synthetic": False, "stages": _stages({"ingest": 1.0, "train": 10.0, "serve": 12.0}),
+         "vocab_size": 4000, "train": {"best_epoch": 2}},
+        {"rows": 8000, "synthetic": True, "stages": _stages({"ingest": 4.0, "train": 80.0, "serve": 12.0}),
+         "vocab_size": 5000, "train": {"best_epoch": 3}},
     ]
     part = {"seconds": 2.0, "docs_per_s": 500.0, "start_mb": 1000.0, "peak_mb": 1300.0, "delta_mb": 300.0}
     metrics = {"accuracy": 0.9, "f1": 0.9, "roc_auc": 0.95, "log_loss": 0.25, "ece": 0.01, "mean_confidence": 0.9,
@@ -59,7 +61,7 @@ def make_result() -> dict:
     return {
         "quick": True, "data": "reviews.csv", "data_rows": 2000, "seconds": 300.0,
         "machine": {"cpus": 2, "memory_gib": 23.5, "python": "3.11.7"}, "code": {"commit": "ab" * 20, "dirty": True},
-        "scaling": {"main_size": 2000, "import_seconds": 9.5, "notes": ["8k: the file has 2,000 rows"], "runs": runs,
+        "scaling": {"main_size": 2000, "import_seconds": 9.5, "max_tokens": 5000, "notes": ["8k: the file has 2,000 rows"], "runs": runs,
                     "summary": scaling_summary(runs)},
         "pipeline": {"stages": runs[0]["stages"], "rows": {"train": 1600, "eval": 400}, "metrics": metrics,
                      "train": {"device": "/CPU:0", "temperature": 0.9, "best_epoch": 2}, "vocab_size": 5000,
@@ -97,7 +99,10 @@ def test_report_has_every_section_with_ratios_beside_the_figures():
     assert train.split() == ["train", "10.00", "s", "5.000/1k", "80.00", "s", "10.000/1k", "x8.00", "^"]
     serve = next(line for line in scaling if line.startswith("serve"))
     assert serve.split()[-2:] == ["x1.00", "v"]
-    assert "not near-linear: train 2k to 8k superlinear (time per review x2.00); serve 2k to 8k sublinear" in sections[1]
+    # train: 10 s at 2k, 80 s at 8k, so the line through them is -13.3 s + 11.667 s per 1k
+    assert ("not near-linear: train 2k to 8k superlinear (time per review x2.00; -13.3 s + 11.667 s per 1k); "
+            "serve 2k to 8k sublinear (time per review x0.25; 12.0 s + 0.000 s per 1k)") in sections[1]
+    assert "2k 4,000 n-grams, 8k 5,000 n-grams (the cap) (max_tokens 5,000); train's L-BFGS epochs kept: 2k 2, 8k 3" in sections[1]
     assert "importing TensorFlow, Keras and Great Expectations, 9.5 s" in sections[1]
     assert "note: 8k: the file has 2,000 rows" in sections[1]
     memory = sections[2].splitlines()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.scaling import END_TO_END, growth_flag, scaling_summary, size_label
+from benchmarks.scaling import END_TO_END, growth_flag, scaling_summary, size_label, split_cost
 
 
 def test_growth_flags_mark_time_per_row_changing_by_more_than_one_and_a_half():
@@ -33,6 +33,15 @@ def test_summary_gives_each_stage_and_end_to_end_per_size():
         ["ingest", 5000, 10000, "sublinear"], ["train", 10000, 40000, "superlinear"],
         [END_TO_END, 10000, 40000, "superlinear"],
     ]
+
+
+def test_flags_carry_the_line_through_both_sizes():
+    assert split_cost((1000, 2.0), (4000, 5.0)) == pytest.approx((1.0, 1.0))  # 1 s fixed: sublinear
+    assert split_cost((1000, 2.0), (2000, 6.2)) == pytest.approx((-2.2, 4.2))  # negative: superlinear
+    runs = [{"rows": 1000, "stages": [{"stage": "serve", "seconds": 5.0}]},
+            {"rows": 4000, "stages": [{"stage": "serve", "seconds": 6.5}]}]
+    (flag,) = [f for f in scaling_summary(runs)["flags"] if f[0] == "serve"]
+    assert flag[3] == "sublinear" and flag[5:] == pytest.approx([4.5, 0.5])
 
 
 def test_size_labels():
