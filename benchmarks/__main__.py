@@ -16,6 +16,7 @@ from typing import Any
 
 from benchmarks.serving import BATCH_SIZE, CLIENTS, LOAD_SECONDS, WARMUP_SECONDS
 from maas_tasks.config import project_root
+from maas_tasks.errors import one_paragraph
 from maas_tasks.features import DEFAULT_MAX_TOKENS
 
 DATA_ENV = "MAAS_BENCH_DATA"
@@ -204,7 +205,9 @@ def run_benchmark(args: argparse.Namespace, progress: Any) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmarks; returns the exit status (2 when the data file is missing)."""
+    """Run the benchmarks; returns the exit status: 2 when the data file is missing, 1 when a step fails (one
+    paragraph on stderr, the traceback in ``<results dir>/<UTC time>.log``; ``MAAS_TRACEBACK`` re-raises),
+    130 when interrupted."""
     from benchmarks.progress import Progress
     from benchmarks.report import format_report
     from benchmarks.results import RESULTS_DIR, results_path, run_context, write_result
@@ -222,10 +225,22 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.pipeline import STAGES
 
     begun = datetime.now(timezone.utc)
-    progress = Progress(FIXED_STEPS + len(args.sizes) * (1 + len(STAGES)))
-    result = {"started_at": begun.isoformat(timespec="seconds"), **run_context(project_root()),
-              **run_benchmark(args, progress)}
     path = results_path(args.results_dir or project_root() / RESULTS_DIR, begun)
+    progress = Progress(FIXED_STEPS + len(args.sizes) * (1 + len(STAGES)))
+    try:
+        result = {"started_at": begun.isoformat(timespec="seconds"), **run_context(project_root()),
+                  **run_benchmark(args, progress)}
+    except KeyboardInterrupt:
+        print("benchmark interrupted: nothing was written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - a user sees one paragraph and where the details are
+        log = _write_traceback(path.with_suffix(".log"))
+        print(f"benchmark failed: {one_paragraph(str(exc) or type(exc).__name__, 1000)}", file=sys.stderr)
+        if log is not None:
+            print(f"the full error is in {log}", file=sys.stderr)
+        if os.environ.get("MAAS_TRACEBACK"):
+            raise
+        return 1
     result["results_file"] = str(path)
     write_result(result, path)
     if args.out:
@@ -233,6 +248,18 @@ def main(argv: list[str] | None = None) -> int:
     print(format_report(result))
     print(f"\nresult written to {path}" + (f" and {args.out}" if args.out else ""))
     return 0
+
+
+def _write_traceback(path: Path) -> Path | None:
+    """Write the current exception's traceback to ``path``; the path, or None when it cannot be written."""
+    import traceback
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"python -m benchmarks {' '.join(sys.argv[1:])}\n{traceback.format_exc()}", encoding="utf-8")
+    except OSError:
+        return None
+    return path
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from maas_tasks.config import ConfigError, Settings, load_settings, project_root
+from maas_tasks.errors import one_paragraph
 
 DAG_ID = "maas_training"
 
@@ -230,19 +231,13 @@ def format_data_lines(snapshot: dict[str, Any], run_id: str) -> list[str]:
         verdict = "FLAGGED: " + "; ".join(drift.get("reasons") or []) if drift.get("flagged") else (
             "none above the thresholds" if drift.get("compared") else drift.get("message", "not compared"))
         report = drift.get("html_uri") or snapshot.get("drift_uri")
-        lines.append(f"drift      {_paragraph(verdict, 300)}" + (f" ({report})" if report else ""))
+        lines.append(f"drift      {one_paragraph(verdict, 300)}" + (f" ({report})" if report else ""))
     return lines
 
 
 def _print_task_outcome(outcome: Any) -> None:
-    error = f"  {_paragraph(outcome.error, 120)}" if outcome.error and outcome.state != "success" else ""
+    error = f"  {one_paragraph(outcome.error, 120)}" if outcome.error and outcome.state != "success" else ""
     print(f"  {outcome.task_id:<16} {outcome.state:<13} {outcome.seconds:6.1f} s{error}", flush=True)
-
-
-def _paragraph(text: str, limit: int) -> str:
-    """``text`` on one line (a multi-line message's lines joined), cut at ``limit`` characters."""
-    line = " ".join(part.strip() for part in text.splitlines() if part.strip())
-    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 # `maas run` options that set a DAG param of the same meaning (option, param).
@@ -340,7 +335,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     for task_id, outcome in failed.items():
         if summary["tasks"].get(task_id) != "failed":
             continue  # a retry succeeded
-        print(f"error      {task_id} failed: {_paragraph(outcome.error or 'see its log', 600)}")
+        print(f"error      {task_id} failed: {one_paragraph(outcome.error or 'see its log', 600)}")
         print(f"           task log: {outcome.log_path}")
     return 0 if summary["state"] == "success" else 1
 
@@ -557,7 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:  # noqa: BLE001 - a user sees one paragraph and where the details are
         message = describe_lost_database(exc, settings) or str(exc) or type(exc).__name__
-        print(f"maas: error: {_paragraph(message, 1000)}", file=sys.stderr)
+        print(f"maas: error: {one_paragraph(message, 1000)}", file=sys.stderr)
         log = _write_traceback(settings)
         if log is not None:
             print(f"maas: the full error is in {log}", file=sys.stderr)

@@ -1,5 +1,5 @@
-"""``python -m benchmarks``: its options (the quick run, the data setting), its message when the data is
-missing, and a smoke test of a whole run on generated data."""
+"""``python -m benchmarks``: its options (the quick run, the data setting), its messages when the data is
+missing or a step fails, and a smoke test of a whole run on generated data."""
 
 from __future__ import annotations
 
@@ -51,6 +51,29 @@ def test_missing_data_file_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert main([]) == 2
     message = capsys.readouterr().err
     assert "absent.csv.gz does not exist" in message and "MAAS_BENCH_DATA" in message and "--data" in message
+
+
+def test_an_unreadable_data_file_fails_in_one_paragraph_with_the_traceback_in_a_log(tmp_path, monkeypatch, capsys):
+    import benchmarks.pipeline
+
+    monkeypatch.delenv("MAAS_TRACEBACK", raising=False)
+    monkeypatch.setattr(benchmarks.pipeline, "import_libraries", lambda: 0.0)  # the failure comes before they matter
+    data = tmp_path / "reviews.csv.gz"
+    data.write_bytes(b"not gzip at all")
+    results = tmp_path / "results"
+    assert main(["--data", str(data), "--results-dir", str(results), "--quick"]) == 1
+
+    message = capsys.readouterr().err
+    failure = [line for line in message.splitlines() if line.startswith("benchmark failed: ")]
+    assert len(failure) == 1 and "is not gzip-compressed" in failure[0] and "Traceback" not in message
+    [log] = results.glob("*.log")
+    assert f"the full error is in {log}" in message
+    assert "Traceback" in log.read_text() and "IngestError" in log.read_text()
+    assert not list(results.glob("*.json"))  # no result for a run that did not finish
+
+    monkeypatch.setenv("MAAS_TRACEBACK", "1")
+    with pytest.raises(Exception, match="not gzip-compressed"):
+        main(["--data", str(data), "--results-dir", str(results), "--quick"])
 
 
 @pytest.mark.slow
