@@ -16,7 +16,7 @@ from typing import Any
 
 from benchmarks.serving import BATCH_SIZE, CLIENTS, LOAD_SECONDS, WARMUP_SECONDS
 from maas_tasks.config import project_root
-from maas_tasks.errors import one_paragraph
+from maas_tasks.errors import append_traceback, one_paragraph
 from maas_tasks.features import DEFAULT_MAX_TOKENS
 
 DATA_ENV = "MAAS_BENCH_DATA"
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         print("benchmark interrupted: nothing was written", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - a user sees one paragraph and where the details are
-        log = _write_traceback(path.with_suffix(".log"))
+        log = append_traceback(path.with_suffix(".log"), f"python -m benchmarks {' '.join(sys.argv[1:])}")
         print(f"benchmark failed: {one_paragraph(str(exc) or type(exc).__name__, 1000)}", file=sys.stderr)
         if log is not None:
             print(f"the full error is in {log}", file=sys.stderr)
@@ -248,18 +248,6 @@ def main(argv: list[str] | None = None) -> int:
     print(format_report(result))
     print(f"\nresult written to {path}" + (f" and {args.out}" if args.out else ""))
     return 0
-
-
-def _write_traceback(path: Path) -> Path | None:
-    """Write the current exception's traceback to ``path``; the path, or None when it cannot be written."""
-    import traceback
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"python -m benchmarks {' '.join(sys.argv[1:])}\n{traceback.format_exc()}", encoding="utf-8")
-    except OSError:
-        return None
-    return path
 
 
 if __name__ == "__main__":

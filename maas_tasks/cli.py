@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from maas_tasks.config import ConfigError, Settings, load_settings, project_root
-from maas_tasks.errors import one_paragraph
+from maas_tasks.errors import append_traceback, one_paragraph
 
 DAG_ID = "maas_training"
 
@@ -587,19 +587,9 @@ def describe_lost_database(exc: BaseException, settings: Settings | None) -> str
 
 def _write_traceback(settings: Settings | None) -> Path | None:
     """Append the current exception's traceback to ``MAAS_HOME/logs/maas-cli.log``; its path, or None."""
-    import traceback
-
     if settings is None:
         return None
-    path = settings.home / "logs" / "maas-cli.log"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} maas {' '.join(sys.argv[1:])}\n")
-            fh.write(traceback.format_exc())
-    except OSError:
-        return None
-    return path
+    return append_traceback(settings.home / "logs" / "maas-cli.log", f"maas {' '.join(sys.argv[1:])}")
 
 
 if __name__ == "__main__":
