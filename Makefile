@@ -20,8 +20,11 @@ demo: install postgres-server
 	$(BIN)/maas predict "$(DEMO_TEXT_POS)" "$(DEMO_TEXT_NEG)"
 	$(BIN)/maas predict --grpc "$(DEMO_TEXT_POS)" "$(DEMO_TEXT_NEG)"
 
+# TEST_WORKERS: pytest processes (pytest-xdist), each given whole test files so that a file's module
+# fixtures (a trained model, a started stack) are built once; 1 runs the suite in this process.
+TEST_WORKERS ?= 2
 test: install-dev os-packages
-	$(BIN)/python -m pytest -ra
+	$(BIN)/python -m pytest -ra $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 # QUICK=1: every section on less data and shorter load cells (about 3 minutes instead of 30).
 bench: install postgres-server
